@@ -1,0 +1,1 @@
+"""Stage 1: the Stable-Diffusion-style AutoencoderKL, its losses, data and training loop."""

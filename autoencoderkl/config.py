@@ -1,0 +1,270 @@
+"""Typed run configuration: defaults < YAML file < ``key=value`` overrides.
+
+The dataclasses below are the single source of truth for every option of a stage-1 run,
+with units and the reference each default comes from. ``load_config`` merges them with a
+YAML file and command-line overrides through OmegaConf (as CompVis ``main.py`` does with
+``OmegaConf.from_dotlist``), and fails *before any work* on an unknown key, a wrong type
+or a value outside its choices, naming the key and listing the valid ones.
+
+Latent diffusion (stage 2) reuses the machinery here (``merge_config``, ``save_config``)
+with its own dataclasses, so both stages read and fail the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModelConfig:
+    """The diffusers ``AutoencoderKL`` to build (SD 1.x "kl-f8" shape by default)."""
+
+    # Channels of each resolution level; len(block_out_channels) - 1 downsamplings, so
+    # four entries give the 8x spatial factor f = H // h of kl-f8.
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    # Self-attention in the mid block at the lowest resolution (as SD's VAE).
+    mid_block_add_attention: bool = True
+    # Start from a diffusers-format AutoencoderKL folder instead of random weights;
+    # model shape options above are then taken from that folder's config.json.
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class LossConfig:
+    """``AutoencoderLoss``: LDM's ``LPIPSWithDiscriminator`` (Rombach et al. 2022, App. G)."""
+
+    pixel_loss: str = "l1"  # l1 | l2: per-pixel |x - x_hat| or (x - x_hat)^2, x in [-1, 1]
+    perceptual_weight: float = 1.0  # x LPIPS distance (VGG16 backbone), per image
+    # true: VGG16 ImageNet weights required (torchvision cache or download), else error.
+    # false: random VGG16 backbone -- for tests only, not a perceptual metric.
+    # auto: real weights when they can be had, else the perceptual term is switched off
+    # with a loud warning, and the saved config records perceptual_weight 0.0.
+    perceptual_pretrained: str = "auto"
+    kl_weight: float = 1e-6  # x KL summed over (c, h, w), mean over batch
+    logvar_init: float = 0.0  # initial value of the scalar NLL log-variance
+    # In LDM the logvar is an nn.Parameter that no optimizer holds, so it never trains;
+    # false keeps that behaviour, true adds it to the autoencoder's optimizer.
+    learn_logvar: bool = False
+    disc_start: int = 50_001  # optimizer steps before the GAN terms switch on
+    disc_weight: float = 0.5  # x adaptive weight ||grad nll|| / ||grad g|| (LDM, App. G)
+    disc_factor: float = 1.0  # x both GAN terms once global_step >= disc_start
+    disc_loss: str = "hinge"  # hinge | vanilla (non-saturating softplus)
+    disc_num_layers: int = 3  # PatchGAN depth (70x70 receptive field at 3)
+    disc_ndf: int = 64  # PatchGAN width of the first layer
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they become (B, 3, H, W) tensors in [-1, 1]."""
+
+    source: str = "folder"  # folder | demo (the RGB photos scikit-image ships)
+    train_dir: Optional[str] = None  # image folder, searched recursively
+    # Held-out validation folder; when null, val_holdout images are taken out of
+    # train_dir (evenly spaced in sorted order, so the split is fixed).
+    val_dir: Optional[str] = None
+    val_holdout: int = 8
+    resolution: int = 256  # square crop side in pixels; divisible by 8
+    # Shorter side in pixels after resizing, before cropping; null = resolution
+    # (the whole image, as SD trains). Larger values train on crops at higher detail.
+    resize: Optional[int] = None
+    val_grid: int = 1  # g: each validation image gives g x g fixed crops (1 = centre crop)
+    batch_size: int = 8  # per process
+    num_workers: int = 2  # DataLoader worker processes decoding images
+
+
+@dataclass
+class OptimConfig:
+    """Adam for the autoencoder (+ logvar) and for the discriminator, as LDM."""
+
+    # Learning rate per optimizer step, for both optimizers. No hidden scaling: LDM's
+    # kl-f8 recipe is 4.5e-6 x images per optimizer step (its "scale_lr"); write the
+    # product here for your global batch.
+    lr: float = 4.5e-6
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = off
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, precision, checkpoints, validation."""
+
+    max_steps: int = 100_000  # optimizer steps (global_step counts these)
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
+    seed: int = 0
+    checkpointing_steps: int = 5000
+    checkpoints_total_limit: Optional[int] = 3  # keep the newest K; null keeps all
+    validation_steps: int = 1000  # every N steps: PSNR/SSIM + an input | reconstruction grid
+    log_steps: int = 10  # every N steps: a line in metrics.jsonl and TensorBoard
+    use_ema: bool = False  # exponential moving average of the autoencoder's weights
+    ema_decay: float = 0.999
+    # Freeze the encoder (and quant_conv): train only the decoder, keeping the latent
+    # space, as diffusers' example and the sd-vae-ft-* releases do.
+    decoder_only: bool = False
+
+
+@dataclass
+class VAEConfig:
+    """A whole stage-1 run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Values that must come from a fixed set, checked after merging.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.pixel_loss": ("l1", "l2"),
+    "loss.perceptual_pretrained": ("true", "false", "auto"),
+    "loss.disc_loss": ("hinge", "vanilla"),
+    "data.source": ("folder", "demo"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+}
+
+
+def valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every option of a config dataclass (instance or type), in order."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        default = getattr(schema, f.name, None) if not isinstance(schema, type) else None
+        sub = default if dataclasses.is_dataclass(default) else None
+        if sub is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            made = f.default_factory()  # type: ignore[misc]
+            sub = made if dataclasses.is_dataclass(made) else None
+        if sub is not None:
+            keys += valid_keys(sub, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _config_error(exc: OmegaConfBaseException, schema: Any, where: str) -> ValueError:
+    key = getattr(exc, "full_key", None) or "?"
+    keys = valid_keys(schema)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        head = f"unknown config key '{key}' ({where})"
+        close = difflib.get_close_matches(str(key), keys, n=2, cutoff=0.7)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        return ValueError(f"{head}{hint}\nvalid keys:\n  " + "\n  ".join(keys))
+    return ValueError(f"bad value for config key '{key}' ({where}): {msg}\nvalid keys:\n  " + "\n  ".join(keys))
+
+
+def merge_config(
+    schema: type[T],
+    yaml_path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> T:
+    """Merge defaults < YAML < ``key=value`` overrides into a typed dataclass instance.
+
+    Args:
+        schema: the config dataclass (``VAEConfig`` here; stage 2 passes its own).
+        yaml_path: a YAML file with any subset of the schema's keys, nested.
+        overrides: dotted ``section.key=value`` strings, e.g. ``train.max_steps=200``.
+        choices: dotted key -> allowed string values, checked after merging.
+    Returns:
+        An instance of ``schema`` with every value typed (ints are ints, lists are lists).
+    Raises:
+        FileNotFoundError: if ``yaml_path`` does not exist.
+        ValueError: on an unknown key (the message lists the valid keys and a close match),
+            a value of the wrong type, a malformed override, or a value outside ``choices``.
+    """
+    base = OmegaConf.structured(schema)
+    layers: list[tuple[Any, str]] = []
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        layers.append((OmegaConf.load(path), str(path)))
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ValueError(f"overrides must look like section.key=value, got {bad}")
+    if overrides:
+        try:
+            layers.append((OmegaConf.from_dotlist(list(overrides)), "command line"))
+        except OmegaConfBaseException as exc:
+            raise ValueError(f"cannot parse overrides {list(overrides)}: {exc}") from None
+    merged: DictConfig = base
+    for layer, where in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
+        except OmegaConfBaseException as exc:
+            raise _config_error(exc, schema, where) from None
+    cfg = OmegaConf.to_object(merged)
+    for key, allowed in (choices or {}).items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if str(value).lower() in allowed:  # YAML's `true` arrives as "True"
+            value = str(value).lower()
+            setattr(getattr(cfg, section), name, value)
+        if value not in allowed:
+            raise ValueError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+    return cfg  # type: ignore[return-value]
+
+
+def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> VAEConfig:
+    """Stage-1 config: ``merge_config(VAEConfig, ...)`` plus cross-field checks.
+
+    Raises:
+        FileNotFoundError, ValueError: as ``merge_config``; also ValueError when
+            ``data.resolution`` is not a positive multiple of 8, ``data.resize`` is smaller
+            than the crop, or ``data.source=folder`` has no ``data.train_dir``.
+    """
+    cfg = merge_config(VAEConfig, yaml_path, overrides, CHOICES)
+    d = cfg.data
+    if d.resolution <= 0 or d.resolution % 8:
+        raise ValueError(f"data.resolution must be a positive multiple of 8, got {d.resolution}")
+    if d.resize is not None and d.resize < d.resolution:
+        raise ValueError(f"data.resize ({d.resize}) must be >= data.resolution ({d.resolution}) or null")
+    if d.source == "folder" and not d.train_dir:
+        raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo)")
+    for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation_steps",
+                "train.checkpointing_steps", "train.validation_steps", "train.log_steps", "data.val_grid"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ValueError(f"{key} must be >= 1")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    return cfg
+
+
+def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> None:
+    """Write the resolved config as YAML, atomically, headed by the launch command.
+
+    Args:
+        cfg: a config dataclass instance.
+        path: destination file; written to ``path.tmp`` and renamed into place.
+        notes: extra lines for the header (e.g. what ``perceptual_pretrained=auto`` chose).
+    """
+    path = Path(path)
+    header = ["# Resolved config of this run. Relaunch it with:",
+              "#   " + shlex.join([os.path.basename(sys.argv[0]) or "python"] + sys.argv[1:])]
+    header += [f"# {n}" for n in notes]
+    text = "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """A plain, JSON-serialisable dict of a config dataclass (for trackers and reports)."""
+    return dataclasses.asdict(cfg)
