@@ -1,0 +1,482 @@
+"""Image data for stage 1: folders of images -> (3, H, W) float32 tensors in [-1, 1].
+
+Reading order of this file:
+
+1. ``list_images``: every image file under a folder, recursively, in sorted order.
+2. ``demo_image_paths``: the embedded demo set (the RGB photos scikit-image ships).
+3. ``load_rgb`` / ``to_tensor``: one file -> an RGB ``PIL.Image`` -> a tensor. Every mode
+   PIL can open (L, LA, P, RGBA, 16-bit, CMYK, 1-bit) becomes 8-bit RGB, alpha composited
+   over white, EXIF orientation applied.
+4. ``ImageFolder``: resize the shorter side, then a random crop + flip (training) or a
+   fixed g x g grid of crops (evaluation). Unreadable files are skipped with a warning
+   and a count instead of ending a run.
+5. ``InfiniteSampler``: an endless, rank-sharded stream of ``(index, epoch)`` keys.
+
+Randomness never comes from a global or per-worker RNG: the crop and flip of a training
+sample are a pure function of ``(seed, epoch, index)``, and the sampler's order a pure
+function of ``(seed, epoch)``. So the data a run sees is a function of how many samples
+each rank has consumed, whatever ``num_workers`` or the number of processes, and a
+resumed run continues exactly where it stopped (``InfiniteSampler(start=...)``).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+
+PathLike = Union[str, os.PathLike]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+# The demo set: RGB photos in ``skimage.data.data_dir`` (shipped in the wheel, no download).
+DEMO_TRAIN = (
+    "astronaut.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+)
+DEMO_VAL = ("chelsea.png", "coffee.png")  # fixed held-out split
+
+# Exceptions PIL raises on a file it cannot decode. Plugins are not uniform: besides
+# OSError (UnidentifiedImageError, "image file is truncated") some raise ValueError,
+# SyntaxError, EOFError, struct.error or IndexError on corrupt headers.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    IndexError,
+    Image.DecompressionBombError,
+)
+
+# At most this many files are named one warning each; the rest only in ``.skipped``.
+_MAX_NAMED_WARNINGS = 20
+
+
+class UnreadableImageWarning(UserWarning):
+    """A file with an image extension could not be read and was skipped."""
+
+
+def list_images(root: PathLike) -> list[Path]:
+    """All image files under ``root``, recursively, in sorted order.
+
+    A file counts as an image by its extension (``IMAGE_EXTENSIONS``, case-insensitive);
+    the content is not opened here (``ImageFolder`` checks it).
+
+    Args:
+        root: a folder.
+    Returns:
+        Sorted list of file paths (``pathlib.Path``), at least one.
+    Raises:
+        FileNotFoundError: if ``root`` does not exist or is not a folder.
+        ValueError: if no file under ``root`` has an image extension.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} is not a folder")
+    files = [p for p in root.rglob("*") if p.is_file()]
+    images = sorted(p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(
+            f"no images in {root} (searched recursively for files ending in "
+            f"{', '.join(IMAGE_EXTENSIONS)}; found {len(files)} other file(s))"
+        )
+    return images
+
+
+def demo_image_paths(split: str) -> list[Path]:
+    """Paths of the demo dataset: RGB photos that scikit-image ships with its wheel.
+
+    Args:
+        split: ``"train"`` (the 7 files of ``DEMO_TRAIN``) or ``"val"`` (the 2 held-out
+            files of ``DEMO_VAL``).
+    Returns:
+        List of existing file paths inside ``skimage.data.data_dir``, in the order above.
+    Raises:
+        ValueError: if ``split`` is neither ``"train"`` nor ``"val"``.
+        ImportError: if scikit-image (the ``demo`` extra) is not installed.
+        FileNotFoundError: if the installed scikit-image lacks one of the files.
+    """
+    names = {"train": DEMO_TRAIN, "val": DEMO_VAL}.get(split)
+    if names is None:
+        raise ValueError(f"demo split must be 'train' or 'val', got {split!r}")
+    try:
+        import skimage.data  # optional extra: imported only when the demo is used
+    except ImportError as exc:
+        raise ImportError(
+            "the demo dataset needs scikit-image: "
+            'pip install -e ".[demo]" -c constraints.txt'
+        ) from exc
+    data_dir = Path(skimage.data.data_dir)
+    paths = [data_dir / name for name in names]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"scikit-image {skimage.__version__} lacks demo image(s) {missing}; "
+            "install scikit-image>=0.22"
+        )
+    return paths
+
+
+def _high_bit_depth_to_8bit(img: Image.Image) -> Image.Image:
+    """Integer/float single-channel modes (I;16*, I, F) -> mode L, scaled by bit depth.
+
+    ``Image.convert`` clips these to 255 instead of scaling, which turns a 16-bit image
+    almost white. Here 16-bit values map as v / 257 (65535 -> 255). Mode ``I`` is
+    treated as 16-bit when its values fit in [0, 65535] (how 16-bit PNG/TIFF files
+    arrive in some Pillow versions), else as signed 32-bit. Mode ``F`` is taken as
+    [0, 1] when its maximum is <= 1, else as [0, 255].
+    """
+    arr = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+    elif img.mode.startswith("I;16") or (arr.size and arr.min() >= 0 and arr.max() <= 65535):
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / (2**31 - 1)
+    out = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def _composite_over_white(img: Image.Image) -> Image.Image:
+    """Any mode with alpha or a transparency key -> RGB, alpha composited over white."""
+    rgba = img.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def load_rgb(path: PathLike) -> Image.Image:
+    """Decode one image file fully into an 8-bit RGB image.
+
+    EXIF orientation is applied (``ImageOps.exif_transpose``). Modes: L, 1, CMYK, YCbCr
+    and others convert to RGB; LA, PA, RGBA, and P/L/RGB with a transparency key are
+    composited over white (a fully transparent pixel becomes (255, 255, 255)); 16-bit
+    (I;16, I;16B, I) and 32-bit integer images are scaled by their bit depth, not clipped
+    (16-bit v -> round(v / 257)). The pixels are decoded here (``.load()``), so a
+    truncated or corrupt file fails in this call, not later.
+
+    Args:
+        path: an image file.
+    Returns:
+        ``PIL.Image.Image`` in mode ``"RGB"`` (uint8 values in [0, 255]), size (W, H)
+        after the EXIF rotation.
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        OSError: ``"cannot read image {path}: {reason}"`` if the file cannot be decoded
+            (not an image, truncated, corrupt, or a decompression bomb).
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im)  # a new image, so the file can close
+        return _to_rgb(img)
+    except FileNotFoundError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise OSError(f"cannot read image {path}: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL mode -> 8-bit RGB (see ``load_rgb``)."""
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _high_bit_depth_to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        return _composite_over_white(img)
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # L, 1, CMYK, YCbCr, ...; ValueError if PIL cannot
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB image -> the model's pixel tensor.
+
+    Args:
+        img: ``PIL.Image.Image`` in mode ``"RGB"`` (as ``load_rgb`` returns), size (W, H).
+    Returns:
+        (3, H, W) float32 in [-1, 1]: uint8 value / 127.5 - 1 (0 -> -1.0, 255 -> 1.0).
+    Raises:
+        ValueError: if ``img`` is not in mode RGB.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"to_tensor expects an RGB image, got mode {img.mode!r}; use load_rgb")
+    x = TF.pil_to_tensor(img)  # (3, H, W) uint8
+    return x.to(torch.float32) / 127.5 - 1.0
+
+
+def _check_header(path: Path) -> str | None:
+    """Cheap readability check (header only): None if fine, else the reason."""
+    try:
+        with warnings.catch_warnings():
+            # A warning-sized bomb (> MAX_IMAGE_PIXELS) is skipped like an error-sized one.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        return f"decompression bomb: {exc}"
+    except FileNotFoundError:
+        return "file not found"
+    except _DECODE_ERRORS as exc:
+        if path.is_file() and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        return f"{type(exc).__name__}: {exc}"
+    if w < 1 or h < 1:
+        return f"empty image ({w}x{h})"
+    return None
+
+
+def _folders(paths: Sequence[Path]) -> str:
+    """Short description of where ``paths`` live, for error messages."""
+    parents = sorted({str(p.parent) for p in paths})
+    if len(parents) <= 3:
+        return ", ".join(parents)
+    try:
+        return f"{os.path.commonpath(parents)} ({len(parents)} folders)"
+    except ValueError:  # different drives
+        return f"{len(parents)} folders"
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Image files -> square (3, resolution, resolution) float32 crops in [-1, 1].
+
+    Geometry: the image is resized (bicubic, antialiased) so that its SHORTER side is
+    ``resize`` pixels (an image smaller than the crop is upscaled), then cropped:
+
+    * ``train=True``: one random ``resolution x resolution`` crop and a horizontal flip
+      with p = 0.5, drawn from ``numpy.random.default_rng([seed, draw, index])``. The key
+      is ``index`` (draw 0) or ``(index, draw)`` as ``InfiniteSampler`` yields, with the
+      epoch as the draw, so a sample is a pure function of its key: no global RNG,
+      the same for any ``num_workers`` or process count. ``len`` = number of images.
+    * ``train=False``: no randomness; each image gives ``grid * grid`` crops at evenly
+      spaced positions (grid 1: the centre crop; grid 3: corners, edge middles, centre).
+      ``len`` = images * grid**2; index i -> image i // grid**2, crop i % grid**2 in
+      row-major order.
+
+    Unreadable files: at construction every file's header is opened (cheap; catches
+    zero-byte files, non-images with an image extension, decompression bombs); those
+    are skipped with an ``UnreadableImageWarning`` per file and a summary "skipped N of M
+    files". A file that passes the header but fails to decode later (a truncated JPEG)
+    is warned about once, recorded, and the next readable image ((i + 1) % n, same draw
+    and crop) is returned in its place. ``self.paths`` keeps its length either way, so
+    indices stay stable; with DataLoader workers, a record made at ``__getitem__`` time
+    lives in that worker's copy of the dataset.
+
+    Attributes:
+        paths: readable image files (after the header check), in the given order.
+        skipped: ``(path, reason)`` of every file skipped, at init or at load time.
+
+    Args:
+        paths: image files (e.g. from ``list_images`` or ``demo_image_paths``).
+        resolution: crop side in pixels, > 0.
+        resize: shorter side in pixels after resizing, before cropping; >= resolution.
+            None means ``resolution`` (the crop then sees the whole shorter side).
+        train: random crop + flip (True) or the fixed evaluation grid (False).
+        seed: >= 0, the base of every training crop/flip draw.
+        grid: >= 1, crops per side in evaluation mode (ignored when training).
+    Raises:
+        ValueError: on an empty ``paths``, bad ``resolution``/``resize``/``seed``/``grid``,
+            or when no file is a readable image (naming the folders and the reasons).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[PathLike],
+        resolution: int,
+        resize: int | None = None,
+        train: bool = True,
+        seed: int = 0,
+        grid: int = 1,
+    ) -> None:
+        resize = resolution if resize is None else resize
+        if resolution < 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+        if resize < resolution:
+            raise ValueError(f"resize ({resize}) must be >= resolution ({resolution}) or None")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1, got {grid}")
+        all_paths = [Path(p) for p in paths]
+        if not all_paths:
+            raise ValueError("ImageFolder got an empty list of image paths")
+
+        self.resolution = resolution
+        self.resize = resize
+        self.train = train
+        self.seed = seed
+        self.grid = grid
+        self.skipped: list[tuple[Path, str]] = []
+        self.paths: list[Path] = []
+        for p in all_paths:
+            reason = _check_header(p)
+            if reason is None:
+                self.paths.append(p)
+            else:
+                self.skipped.append((p, reason))
+        self._failed: set[int] = set()  # indices into self.paths that failed to decode
+
+        if self.skipped:
+            for p, reason in self.skipped[:_MAX_NAMED_WARNINGS]:
+                warnings.warn(f"skipping {p}: {reason}", UnreadableImageWarning, stacklevel=2)
+            more = len(self.skipped) - _MAX_NAMED_WARNINGS
+            tail = f" ({more} not named above; see ImageFolder.skipped)" if more > 0 else ""
+            warnings.warn(
+                f"skipped {len(self.skipped)} of {len(all_paths)} files in "
+                f"{_folders(all_paths)}: not readable as images{tail}",
+                UnreadableImageWarning,
+                stacklevel=2,
+            )
+        if not self.paths:
+            reasons = "; ".join(f"{p.name}: {r}" for p, r in self.skipped[:3])
+            raise ValueError(
+                f"none of the {len(all_paths)} files in {_folders(all_paths)} is a readable "
+                f"image (e.g. {reasons})"
+            )
+
+    def __len__(self) -> int:
+        """Number of samples: images (train) or images * grid**2 (evaluation)."""
+        return len(self.paths) if self.train else len(self.paths) * self.grid**2
+
+    def _crop_box(self, h: int, w: int, image_index: int, crop: int, draw: int) -> tuple[int, int, bool]:
+        """(top, left, flip) of the crop for an (h, w) resized image."""
+        r = self.resolution
+        if self.train:
+            rng = np.random.default_rng([self.seed, draw, image_index])
+            top = int(rng.integers(0, h - r + 1))
+            left = int(rng.integers(0, w - r + 1))
+            return top, left, bool(rng.random() < 0.5)
+        g = self.grid
+        row, col = divmod(crop, g)
+        if g == 1:  # the centre, rounded as torchvision's center_crop
+            return int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), False
+        return int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))), False
+
+    def _sample(self, image_index: int, crop: int, draw: int) -> torch.Tensor:
+        img = load_rgb(self.paths[image_index])
+        w, h = img.size
+        if min(h, w) != self.resize:
+            # int size: the shorter side becomes `resize`, aspect ratio kept.
+            img = TF.resize(img, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            w, h = img.size
+        top, left, flip = self._crop_box(h, w, image_index, crop, draw)
+        img = TF.crop(img, top, left, self.resolution, self.resolution)
+        if flip:
+            img = TF.hflip(img)
+        return to_tensor(img)  # (3, resolution, resolution) float32 in [-1, 1]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
+        """One sample.
+
+        Args:
+            key: ``index`` or ``(index, draw)`` (ints, draw >= 0, e.g. the epoch from
+                ``InfiniteSampler``); a plain index means draw 0. The draw only matters
+                in training mode.
+        Returns:
+            (3, resolution, resolution) float32 in [-1, 1].
+        Raises:
+            IndexError: if ``index`` is out of range.
+            RuntimeError: if every image fails to decode.
+        """
+        if isinstance(key, tuple):
+            index, draw = (int(k) for k in key)
+        else:
+            index, draw = int(key), 0
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for ImageFolder of length {n}")
+        index %= n
+        per_image = 1 if self.train else self.grid**2
+        image_index, crop = divmod(index, per_image)
+
+        num_images = len(self.paths)
+        for step in range(num_images):
+            j = (image_index + step) % num_images
+            if j in self._failed:
+                continue
+            try:
+                return self._sample(j, crop, draw)
+            except OSError as exc:
+                self._failed.add(j)
+                self.skipped.append((self.paths[j], str(exc)))
+                warnings.warn(
+                    f"skipping {self.paths[j]} (failed to decode; its samples are replaced "
+                    f"by the next image's): {exc}",
+                    UnreadableImageWarning,
+                    stacklevel=2,
+                )
+        raise RuntimeError(
+            f"all {num_images} images of this ImageFolder failed to decode; "
+            f"first: {self.skipped[0][0]}: {self.skipped[0][1]}"
+        )
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless ``(index, epoch)`` keys for ``ImageFolder``, sharded over ranks, resumable.
+
+    Epoch e is the permutation ``numpy.random.default_rng([seed, e]).permutation(n)``,
+    truncated to ``per_rank * world_size`` items (``per_rank = n // world_size``, so the
+    last ``n % world_size`` indices of that permutation are dropped this epoch); rank r
+    takes ``perm[r::world_size]``. Ranks see disjoint indices within an epoch, and every
+    rank's k-th sample is fixed by ``(seed, rank, world_size, k)`` alone.
+
+    ``start`` is how many samples THIS rank has consumed already (for an exact resume:
+    optimizer steps x per-process batch size x gradient accumulation steps). Iteration
+    begins at epoch ``start // per_rank``, offset ``start % per_rank``, without
+    generating or loading anything before it.
+
+    Args:
+        num_samples: dataset length n, >= world_size.
+        seed: >= 0.
+        rank: this process's index in [0, world_size).
+        world_size: number of processes, >= 1.
+        start: samples this rank has already consumed, >= 0.
+    Raises:
+        ValueError: on ``num_samples < world_size`` or an out-of-range argument.
+    """
+
+    def __init__(
+        self, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1, start: int = 0
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if num_samples < world_size:
+            raise ValueError(
+                f"num_samples ({num_samples}) must be >= world_size ({world_size}): "
+                "every rank needs at least one sample per epoch"
+            )
+        if seed < 0 or start < 0:
+            raise ValueError(f"seed and start must be >= 0, got seed={seed}, start={start}")
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start = start
+        self.per_rank = num_samples // world_size  # samples per rank per epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(index, epoch)`` forever, from this rank's ``start``-th sample on."""
+        epoch, offset = divmod(self.start, self.per_rank)
+        usable = self.per_rank * self.world_size
+        while True:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            mine = perm[:usable][self.rank :: self.world_size]
+            for index in mine[offset:]:
+                yield int(index), epoch
+            epoch, offset = epoch + 1, 0

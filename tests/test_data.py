@@ -1,0 +1,286 @@
+"""Tests for autoencoderkl.data: decoding, skipping bad files, geometry, determinism."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from autoencoderkl.data import (
+    DEMO_TRAIN,
+    DEMO_VAL,
+    ImageFolder,
+    InfiniteSampler,
+    UnreadableImageWarning,
+    demo_image_paths,
+    list_images,
+    load_rgb,
+    to_tensor,
+)
+
+
+def _noise_image(path: Path, size=(40, 30), seed=0) -> Path:
+    """A random RGB image of size (W, H), so different crops differ."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _as_tensor(path: Path) -> torch.Tensor:
+    x = to_tensor(load_rgb(path))
+    assert x.dtype == torch.float32 and x.shape[0] == 3
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    return x
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def test_rgba_transparent_pixel_becomes_white_and_opaque_pixel_keeps_colour(tmp_path):
+    arr = np.zeros((4, 5, 4), dtype=np.uint8)
+    arr[..., 0] = 255  # red everywhere
+    arr[0, 0, 3] = 0  # (0, 0) fully transparent
+    arr[1:, :, 3] = 255  # rows 1.. opaque
+    Image.fromarray(arr, mode="RGBA").save(tmp_path / "a.png")
+    x = _as_tensor(tmp_path / "a.png")
+    assert x.shape == (3, 4, 5)
+    assert torch.equal(x[:, 0, 0], torch.ones(3))  # transparent -> white
+    assert torch.equal(x[:, 2, 2], torch.tensor([1.0, -1.0, -1.0]))  # opaque red
+
+
+def test_grayscale_and_gray_alpha_load_as_three_equal_channels(tmp_path):
+    Image.fromarray(np.full((3, 4), 0, dtype=np.uint8), mode="L").save(tmp_path / "l.png")
+    la = np.zeros((3, 4, 2), dtype=np.uint8)  # black, alpha 0 -> white
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    x = _as_tensor(tmp_path / "l.png")
+    assert x.shape == (3, 3, 4) and torch.all(x == -1.0)
+    y = _as_tensor(tmp_path / "la.png")
+    assert y.shape == (3, 3, 4) and torch.all(y == 1.0)
+
+
+def test_palette_image_with_transparency_composites_over_white(tmp_path):
+    img = Image.new("P", (4, 2), 0)
+    img.putpalette([0, 0, 255] + [0, 255, 0] + [0] * (254 * 3))  # 0 blue, 1 green
+    img.putpixel((3, 1), 1)
+    img.info["transparency"] = 0  # palette entry 0 is transparent
+    img.save(tmp_path / "p.png", transparency=0)
+    x = _as_tensor(tmp_path / "p.png")
+    assert x.shape == (3, 2, 4)
+    assert torch.equal(x[:, 0, 0], torch.ones(3))  # transparent -> white
+    assert torch.equal(x[:, 1, 3], torch.tensor([-1.0, 1.0, -1.0]))  # opaque green
+
+
+def test_16bit_png_is_scaled_by_bit_depth_not_clipped(tmp_path):
+    arr = np.array([[0, 65535, 32896]], dtype=np.uint16)  # 32896 = 128 * 257
+    Image.fromarray(arr).save(tmp_path / "16.png")
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    x = _as_tensor(tmp_path / "16.png")
+    assert x.shape == (3, 1, 3)
+    assert torch.all(x[:, 0, 0] == -1.0)
+    assert torch.all(x[:, 0, 1] == 1.0)
+    assert torch.allclose(x[:, 0, 2], torch.full((3,), 128 / 127.5 - 1), atol=1e-6)  # grey, not white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (6, 2), (0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rot.jpg").size == (2, 6)
+
+
+def test_load_rgb_error_names_the_file(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(OSError, match="notes.jpg"):
+        load_rgb(bad)
+
+
+# --- listing and bad files ------------------------------------------------------------
+
+
+def test_listing_is_recursive_sorted_and_ignores_other_extensions(tmp_path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    _noise_image(tmp_path / "b.png")
+    _noise_image(tmp_path / "sub" / "deeper" / "a.JPG")
+    (tmp_path / "sub" / "readme.txt").write_text("x")
+    (tmp_path / "sub" / "data.npy").write_bytes(b"x")
+    assert list_images(tmp_path) == sorted([tmp_path / "b.png", tmp_path / "sub" / "deeper" / "a.JPG"])
+
+
+def test_missing_folder_raises_file_not_found_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(tmp_path / "nowhere")
+
+
+def test_folder_without_images_raises_value_error_listing_extensions(tmp_path):
+    with pytest.raises(ValueError, match=r"no images in .*\.png"):
+        list_images(tmp_path)  # empty
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="1 other file"):
+        list_images(tmp_path)
+
+
+def test_folder_of_only_unreadable_images_raises_value_error(tmp_path):
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.warns(UnreadableImageWarning), pytest.raises(ValueError, match="none of the 1 files"):
+        ImageFolder(list_images(tmp_path), resolution=8)
+
+
+def test_zero_byte_png_and_text_named_jpg_are_skipped_and_counted(tmp_path):
+    _noise_image(tmp_path / "good.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not a jpeg")
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds = ImageFolder(list_images(tmp_path), resolution=16)
+    messages = "\n".join(str(w.message) for w in record)
+    assert "zero.png" in messages and "text.jpg" in messages
+    assert "skipped 2 of 3 files" in messages
+    assert ds.paths == [tmp_path / "good.png"]
+    assert {p.name for p, _ in ds.skipped} == {"zero.png", "text.jpg"}
+    assert len(ds) == 1 and ds[0].shape == (3, 16, 16)
+
+
+def test_decompression_bomb_is_skipped_at_the_header_check(tmp_path, monkeypatch):
+    _noise_image(tmp_path / "ok.png", size=(8, 8))
+    _noise_image(tmp_path / "warn.png", size=(12, 12))  # > MAX_IMAGE_PIXELS: a warning in PIL
+    _noise_image(tmp_path / "bomb.png", size=(20, 20))  # > 2 x MAX_IMAGE_PIXELS: an error in PIL
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds = ImageFolder(list_images(tmp_path), resolution=8)
+    assert sum("decompression bomb" in str(w.message) for w in record) == 2
+    assert ds.paths == [tmp_path / "ok.png"]
+    assert sorted(p.name for p, _ in ds.skipped) == ["bomb.png", "warn.png"]
+
+
+def test_truncated_jpeg_is_skipped_at_getitem_and_recorded(tmp_path):
+    _noise_image(tmp_path / "a.jpg", seed=1)
+    _noise_image(tmp_path / "b.jpg", seed=2)
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the header check passes: no warning at init
+        ds = ImageFolder(list_images(tmp_path), resolution=16, seed=3)
+    assert len(ds.paths) == 2 and ds.skipped == []
+    with pytest.warns(UnreadableImageWarning, match="a.jpg"):
+        x = ds[(0, 5)]
+    assert [p.name for p, _ in ds.skipped] == ["a.jpg"]
+    assert torch.equal(x, ds[(1, 5)])  # replaced by the next image, same draw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        ds[(0, 6)]
+    assert len(ds.skipped) == 1
+
+
+def test_every_image_failing_at_getitem_raises(tmp_path):
+    _noise_image(tmp_path / "a.jpg")
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
+    ds = ImageFolder([tmp_path / "a.jpg"], resolution=8)
+    with pytest.warns(UnreadableImageWarning), pytest.raises(RuntimeError, match="failed to decode"):
+        ds[0]
+
+
+# --- geometry and determinism -----------------------------------------------------------
+
+
+@pytest.fixture
+def folder(tmp_path) -> list[Path]:
+    return [_noise_image(tmp_path / f"{i}.png", size=(48, 32), seed=i) for i in range(3)]
+
+
+def test_same_index_and_draw_give_identical_tensors_and_draws_differ(folder):
+    ds = ImageFolder(folder, resolution=16, resize=32, seed=7)
+    assert ds[(1, 4)].shape == (3, 16, 16) and ds[(1, 4)].dtype == torch.float32
+    assert torch.equal(ds[(1, 4)], ImageFolder(folder, resolution=16, resize=32, seed=7)[(1, 4)])
+    assert torch.equal(ds[1], ds[(1, 0)])
+    draws = [ds[(1, d)] for d in range(4)]
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(draws, 2))
+    assert not torch.equal(ds[(1, 4)], ImageFolder(folder, resolution=16, resize=32, seed=8)[(1, 4)])
+
+
+def test_eval_mode_is_deterministic_and_grid_2_gives_4_distinct_crops(folder):
+    ds = ImageFolder(folder, resolution=16, resize=32, train=False, grid=2)
+    assert len(ds) == 3 * 4
+    crops = [ds[i] for i in range(4, 8)]  # the second image
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    assert all(not torch.equal(a, b) for a, b in itertools.combinations(crops, 2))
+    assert torch.equal(ds[5], ds[(5, 99)])  # no randomness: the draw is ignored
+
+
+def test_eval_grid_corners_tile_the_resized_image(tmp_path):
+    _noise_image(tmp_path / "x.png", size=(32, 32))
+    full = to_tensor(load_rgb(tmp_path / "x.png"))  # resize == side: no resampling
+    ds = ImageFolder([tmp_path / "x.png"], resolution=16, resize=32, train=False, grid=2)
+    assert torch.equal(ds[0], full[:, :16, :16])
+    assert torch.equal(ds[3], full[:, 16:, 16:])
+    centre = ImageFolder([tmp_path / "x.png"], resolution=16, resize=32, train=False)
+    assert len(centre) == 1 and torch.equal(centre[0], full[:, 8:24, 8:24])
+
+
+def test_image_smaller_than_crop_is_upscaled_to_crop_size(tmp_path):
+    _noise_image(tmp_path / "tiny.png", size=(6, 4))
+    for train in (True, False):
+        x = ImageFolder([tmp_path / "tiny.png"], resolution=32, train=train)[0]
+        assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+
+
+def test_dataloader_workers_do_not_change_samples(folder):
+    ds = ImageFolder(folder, resolution=16, resize=24, seed=1)
+    sampler = InfiniteSampler(len(ds), seed=1)
+    keys = list(itertools.islice(iter(sampler), 6))
+    expected = torch.stack([ds[k] for k in keys])
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers)
+        batches = list(itertools.islice(iter(loader), 2))
+        assert torch.equal(torch.cat(batches), expected), f"num_workers={workers}"
+
+
+# --- sampler ----------------------------------------------------------------------------
+
+
+def test_two_ranks_are_disjoint_and_cover_the_truncated_epoch():
+    n, world = 11, 2
+    per_rank = n // world
+    streams = [list(itertools.islice(iter(InfiniteSampler(n, seed=3, rank=r, world_size=world)), 2 * per_rank))
+               for r in range(world)]
+    for epoch in range(2):
+        parts = [{i for i, e in s[epoch * per_rank:(epoch + 1) * per_rank]} for s in streams]
+        assert all(e == epoch for s in streams for _, e in s[epoch * per_rank:(epoch + 1) * per_rank])
+        assert parts[0].isdisjoint(parts[1])
+        union = parts[0] | parts[1]
+        assert len(union) == world * per_rank == 10 and union <= set(range(n))
+        perm = np.random.default_rng([3, epoch]).permutation(n)
+        assert union == set(perm[: world * per_rank].tolist())
+
+
+def test_sampler_start_resumes_exactly_after_k_items():
+    full = list(itertools.islice(iter(InfiniteSampler(7, seed=5, rank=1, world_size=2)), 40))
+    for k in (0, 1, 3, 4, 10):
+        resumed = list(itertools.islice(iter(InfiniteSampler(7, seed=5, rank=1, world_size=2, start=k)), 40 - k))
+        assert resumed == full[k:]
+
+
+def test_sampler_rejects_fewer_samples_than_ranks():
+    with pytest.raises(ValueError, match="num_samples"):
+        InfiniteSampler(1, world_size=2)
+
+
+# --- demo -------------------------------------------------------------------------------
+
+
+def test_demo_paths_exist_and_load():
+    train, val = demo_image_paths("train"), demo_image_paths("val")
+    assert [p.name for p in train] == list(DEMO_TRAIN) and len(train) == 7
+    assert [p.name for p in val] == list(DEMO_VAL) and len(val) == 2
+    for p in train + val:
+        assert p.is_file()
+        img = load_rgb(p)
+        assert img.mode == "RGB" and min(img.size) > 0
+    with pytest.raises(ValueError, match="train"):
+        demo_image_paths("test")
