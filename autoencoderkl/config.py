@@ -74,10 +74,11 @@ class DataConfig:
 
     source: str = "folder"  # folder | demo (the RGB photos scikit-image ships)
     train_dir: Optional[str] = None  # image folder, searched recursively
-    # Held-out validation folder; when null, val_holdout images are taken out of
-    # train_dir (evenly spaced in sorted order, so the split is fixed).
+    # Held-out validation folder. num_val_images images, evenly spaced in sorted order
+    # (a fixed split), are taken from it -- or, when it is null, out of train_dir.
+    # data.source=demo has its own fixed held-out photos.
     val_dir: Optional[str] = None
-    val_holdout: int = 8
+    num_val_images: int = 8
     resolution: int = 256  # square crop side in pixels; divisible by 8
     # Shorter side in pixels after resizing, before cropping; null = resolution
     # (the whole image, as SD trains). Larger values train on crops at higher detail.
@@ -117,6 +118,10 @@ class TrainConfig:
     # Freeze the encoder (and quant_conv): train only the decoder, keeping the latent
     # space, as diffusers' example and the sd-vae-ft-* releases do.
     decoder_only: bool = False
+    # Intra-op threads on CPU. null: this process's share of the cores. (accelerate
+    # launch sets OMP_NUM_THREADS=1 for CPU runs unless given --cpu, halving a 2-core
+    # machine's speed; an explicit number here wins over both.)
+    cpu_threads: Optional[int] = None
 
 
 @dataclass
@@ -238,7 +243,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     if d.source == "folder" and not d.train_dir:
         raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo)")
     for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation_steps",
-                "train.checkpointing_steps", "train.validation_steps", "train.log_steps", "data.val_grid"):
+                "train.checkpointing_steps", "train.validation_steps", "train.log_steps", "data.val_grid",
+                "data.num_val_images"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ValueError(f"{key} must be >= 1")
