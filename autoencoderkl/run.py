@@ -1,0 +1,218 @@
+"""Run plumbing shared by both stages: output dir, atomic checkpoints, metrics log.
+
+A checkpoint is ``checkpoints/step-NNNNNNN/``: Accelerate's ``save_state`` (models in
+safetensors, optimizers, GradScaler, per-process RNG) plus our ``state.json`` (step and
+small scalars) and, with EMA, ``ema.safetensors``. It is written as
+``checkpoints/.tmp-step-NNNNNNN`` and renamed into place once complete, so a folder named
+``step-*`` is always whole; ``--resume latest`` picks the newest of those.
+
+Nothing here pickles: Accelerate writes optimizer state with ``torch.save`` and reads it
+back with ``weights_only=True``; our own files are JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
+STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
+# What a run writes at the top of its output dir; --overwrite removes exactly these.
+RUN_ARTIFACTS = ("checkpoints", "vae", "pipeline", "samples", "logs", "metrics.jsonl", "config.yaml")
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
+    """Check (and with ``overwrite`` clear) the output dir before any work.
+
+    Args:
+        output_dir: where the run writes; created if missing.
+        resume: ``None``, ``"latest"`` or a checkpoint path (``--resume``).
+        overwrite: remove an earlier run's files (only the names in ``RUN_ARTIFACTS``).
+    Returns:
+        The output dir as a Path.
+    Raises:
+        FileExistsError: if the dir already holds a run and neither ``resume`` nor
+            ``overwrite`` is given, so a finished run is never clobbered by accident.
+    """
+    out = Path(output_dir)
+    existing = [name for name in RUN_ARTIFACTS if (out / name).exists()]
+    if existing and resume is None:
+        if not overwrite:
+            raise FileExistsError(
+                f"{out} already holds a run ({', '.join(existing)}). Continue it with "
+                f"--resume latest, start over with --overwrite, or choose another --output-dir."
+            )
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``step-NNNNNNN`` checkpoint folder, else None."""
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match and (path / STATE_FILE).is_file() else None
+
+
+def list_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under ``checkpoint_dir``, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """``--resume`` -> a checkpoint folder, or None to start fresh.
+
+    ``latest`` with no checkpoint yet starts fresh (so one command serves a first launch
+    and every relaunch of a preempted job) and says so.
+
+    Raises:
+        FileNotFoundError: if a given path is not a complete checkpoint folder.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        checkpoints = list_checkpoints(output_dir / "checkpoints")
+        if not checkpoints:
+            logger.warning("--resume latest: no checkpoint in %s yet; starting a new run", output_dir / "checkpoints")
+            return None
+        return checkpoints[-1]
+    path = Path(resume)
+    if checkpoint_step(path) is None:
+        raise FileNotFoundError(
+            f"--resume {resume}: not a complete checkpoint folder (expected checkpoints/step-NNNNNNN "
+            f"holding {STATE_FILE}); complete ones here: {[str(p) for p in list_checkpoints(output_dir / 'checkpoints')]}"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    global_step: int,
+    state: dict[str, Any],
+    ema: Any = None,
+    total_limit: int | None = None,
+) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically; keep the newest ``total_limit``.
+
+    Every process must call this (each saves its own RNG state).
+
+    Args:
+        state: JSON-serialisable scalars to restore (``global_step`` is added).
+        ema: a diffusers ``EMAModel`` or None; its shadow weights go to safetensors.
+        total_limit: how many complete checkpoints to keep; None keeps all.
+    Returns:
+        The final checkpoint folder.
+    """
+    root = output_dir / "checkpoints"
+    final = root / f"step-{global_step:07d}"
+    tmp = root / f".tmp-step-{global_step:07d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema_state = ema.state_dict()
+            shadow = ema_state.pop("shadow_params")
+            save_file({f"shadow.{i:05d}": t.detach().contiguous().cpu() for i, t in enumerate(shadow)}, tmp / EMA_FILE)
+            state = {**state, "ema": ema_state}
+        # state.json is written last: a folder holding it is complete.
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": global_step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None:
+            for old in list_checkpoints(root)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> dict[str, Any]:
+    """Restore what ``save_checkpoint`` wrote; returns ``state.json`` as a dict.
+
+    Raises:
+        FileNotFoundError: if ``ema`` is given but the checkpoint has no EMA weights
+            (it was written by a run without ``train.use_ema``).
+    """
+    accelerator.load_state(str(path))
+    state = json.loads((path / STATE_FILE).read_text())
+    if ema is not None:
+        if not (path / EMA_FILE).is_file() or "ema" not in state:
+            raise FileNotFoundError(f"{path} holds no EMA weights ({EMA_FILE}); it was written without train.use_ema")
+        tensors = load_file(path / EMA_FILE)
+        shadow = [tensors[k] for k in sorted(tensors)]
+        ema.load_state_dict({**state["ema"], "shadow_params": shadow})
+        ema.to(accelerator.device)
+    return state
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per log step, appended and flushed at once.
+
+    Only the main process writes. On resume, lines after the resumed step (written by
+    the interrupted run after its last checkpoint) are dropped, so each step appears once.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        """Append ``{"step": step, "time": unix seconds, **values}``."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def set_cpu_threads(accelerator: Accelerator, threads: int | None) -> int:
+    """On CPU, use ``threads`` intra-op threads, or this process's share of the cores.
+
+    Returns:
+        The thread count now in force (unchanged on GPU).
+    """
+    if accelerator.device.type != "cpu":
+        return torch.get_num_threads()
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # set by torchrun
+        threads = max(1, cores // local_processes)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of floats over processes (every process must call it)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
