@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,38 @@ STATE_FILE = "state.json"
 EMA_FILE = "ema.safetensors"
 # What a run writes at the top of its output dir; --overwrite removes exactly these.
 RUN_ARTIFACTS = ("checkpoints", "vae", "pipeline", "samples", "logs", "metrics.jsonl", "config.yaml")
+
+
+def build_accelerator(
+    output_dir: str | os.PathLike, mixed_precision: str, gradient_accumulation_steps: int
+) -> Accelerator:
+    """The run's ``Accelerator``: TensorBoard under ``output_dir/logs``, schedulers stepped by hand.
+
+    Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE``) on a machine without a
+    GPU, accelerate only forms a multi-process (gloo) group when told ``cpu=True``;
+    otherwise every process silently trains alone. We pass it, and check the result.
+
+    Raises:
+        RuntimeError: if the launcher started N > 1 processes but accelerate formed none.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        cpu=world_size > 1 and not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with="tensorboard",
+        # Our schedulers step once per optimizer step by hand: accelerate would step them
+        # num_processes times, assuming a dataloader it had sharded (ours shards itself).
+        step_scheduler_with_optimizer=False,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
+    )
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise RuntimeError(
+            f"the launcher started {world_size} processes but accelerate formed a group of "
+            f"{accelerator.num_processes}: each would train alone. Launch with accelerate launch "
+            f"(--multi_gpu, or --cpu for CPU processes) or torchrun."
+        )
+    return accelerator
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
