@@ -99,6 +99,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
     max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = off
+    # Learning-rate schedule over train.max_steps, from diffusers.optimization, applied to
+    # both optimizers: constant (LDM) | constant_with_warmup | linear | cosine.
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
 
 
 @dataclass
@@ -142,6 +146,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.disc_loss": ("hinge", "vanilla"),
     "data.source": ("folder", "demo"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
+    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
 }
 
 
