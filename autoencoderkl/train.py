@@ -1,0 +1,369 @@
+"""Stage 1: train an AutoencoderKL with L1 + LPIPS + PatchGAN + KL under Accelerate.
+
+Reads top to bottom: Accelerator -> seed -> run dir -> model, loss, optimizers -> data ->
+``prepare`` -> resume -> loop -> export. One encoder/decoder forward per optimizer step
+feeds both the autoencoder update and the discriminator update (on the detached
+reconstruction), as in LDM's ``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022).
+
+Launch with ``accelerate launch scripts/train_vae.py --config ...`` (any number of
+processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from .config import VAEConfig, save_config
+from .data import ImageFolder, InfiniteSampler, demo_image_paths, list_images
+from .discriminator import NLayerDiscriminator
+from .losses import AutoencoderLoss, build_perceptual
+from .metrics import psnr_ssim_8bit
+from .model import (
+    AutoencoderWithPosterior,
+    build_vae,
+    estimate_scaling_factor,
+    export_vae,
+    freeze_encoder,
+    load_vae,
+    posterior_from_moments,
+)
+from .run import (
+    MetricsLog,
+    build_accelerator,
+    load_checkpoint,
+    prepare_output_dir,
+    reduce_mean,
+    resolve_resume,
+    save_checkpoint,
+    set_cpu_threads,
+)
+
+logger = logging.getLogger(__name__)
+
+GRID_PAIRS = 8  # validation crops shown in each input | reconstruction grid
+
+
+def evenly_spaced(paths: list[Path], n: int) -> list[Path]:
+    """n items spread evenly over a sorted list (a split that does not depend on chance)."""
+    if n >= len(paths):
+        return list(paths)
+    return [paths[round(i * (len(paths) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def split_paths(cfg: VAEConfig) -> tuple[list[Path], list[Path]]:
+    """(train paths, validation paths) for ``data.source`` and the held-out rule.
+
+    Raises:
+        FileNotFoundError, ValueError: from ``list_images`` for a missing or empty folder;
+            ValueError when holding images out would leave none to train on.
+    """
+    d = cfg.data
+    if d.source == "demo":
+        return demo_image_paths("train"), demo_image_paths("val")
+    train = list_images(d.train_dir)
+    if d.val_dir:
+        return train, evenly_spaced(list_images(d.val_dir), d.num_val_images)
+    if len(train) <= d.num_val_images:
+        raise ValueError(
+            f"{d.train_dir} has {len(train)} images; holding out data.num_val_images={d.num_val_images} "
+            f"for validation would leave none to train on. Give data.val_dir or lower data.num_val_images."
+        )
+    val = evenly_spaced(train, d.num_val_images)
+    held = set(val)
+    return [p for p in train if p not in held], val
+
+
+@torch.no_grad()
+def validate(
+    accelerator: Accelerator, vae: AutoencoderKL, images: Tensor, batch_size: int
+) -> tuple[dict[str, float], Tensor]:
+    """Reconstruct the fixed validation crops with the posterior mode; 8-bit PSNR/SSIM.
+
+    Args:
+        images: (N, 3, H, W) float in [-1, 1], on the accelerator's device.
+    Returns:
+        metrics: ``val/psnr`` (dB), ``val/psnr_std``, ``val/ssim`` over the N crops.
+        reconstructions: (min(N, GRID_PAIRS), 3, H, W) for the grid, float in [-1, 1].
+    """
+    was_training = vae.training
+    vae.eval()
+    psnrs, ssims, shown = [], [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size]
+        with accelerator.autocast():
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+        psnr, ssim = psnr_ssim_8bit(x, rec)
+        psnrs.append(psnr), ssims.append(ssim), shown.append(rec[: max(GRID_PAIRS - i, 0)].clamp(-1, 1))
+    vae.train(was_training)
+    psnr, ssim = torch.cat(psnrs), torch.cat(ssims)
+    metrics = {"val/psnr": psnr.mean().item(), "val/psnr_std": psnr.std().item() if len(psnr) > 1 else 0.0,
+               "val/ssim": ssim.mean().item()}
+    return metrics, torch.cat(shown)
+
+
+def save_grid(inputs: Tensor, reconstructions: Tensor, path: Path) -> None:
+    """PNG of (input | reconstruction) pairs, four pairs a row; written atomically.
+
+    Args:
+        inputs, reconstructions: (N, 3, H, W) float in [-1, 1].
+    """
+    pairs = torch.stack([inputs[: len(reconstructions)].float().cpu(), reconstructions.float().cpu()], 1).flatten(0, 1)
+    grid = make_grid((pairs + 1) / 2, nrow=8, padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(grid, tmp)
+    tmp.replace(path)
+
+
+def main(
+    cfg: VAEConfig,
+    output_dir: str | Path,
+    resume: str | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train, checkpoint, validate and export an AutoencoderKL.
+
+    Args:
+        cfg: the resolved config (``load_config``).
+        output_dir: where checkpoints/, vae/, samples/, logs/, config.yaml and
+            metrics.jsonl go.
+        resume: None, ``"latest"`` or a ``checkpoints/step-NNNNNNN`` path.
+        overwrite: clear an earlier run in ``output_dir`` first.
+    Returns:
+        A summary: ``global_step``, ``first_val`` and ``last_val`` metrics (main process;
+        None elsewhere, and ``first_val`` is None on resume), ``vae_dir``, ``is_main_process``,
+        and this process's trained (unwrapped) ``vae`` and ``discriminator`` modules.
+    Raises:
+        FileExistsError: ``output_dir`` holds a run and neither resume nor overwrite.
+        FileNotFoundError, ValueError: bad data folder, checkpoint or config values.
+        RuntimeError: ``loss.perceptual_pretrained=true`` and no VGG16 weights.
+    """
+    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    threads = set_cpu_threads(accelerator, cfg.train.cpu_threads)
+    logger.info("device %s, %d process(es), %d CPU threads each", accelerator.device, accelerator.num_processes, threads)
+    # Same seed on every process while building (identical initial weights and LPIPS),
+    # then a per-process seed for posterior noise in the loop.
+    set_seed(cfg.train.seed)
+
+    out = Path(output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, resume, overwrite)
+    accelerator.wait_for_everyone()
+    resume_path = resolve_resume(out, resume)
+
+    # ---- model, loss, optimizers -------------------------------------------------
+    if cfg.model.pretrained:
+        vae = load_vae(cfg.model.pretrained).train()
+    else:
+        vae = build_vae(cfg.model, cfg.data.resolution)
+    if cfg.train.decoder_only:
+        freeze_encoder(vae)
+    discriminator = NLayerDiscriminator(3, cfg.loss.disc_ndf, cfg.loss.disc_num_layers)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        # Batch statistics over the global batch; torch's SyncBatchNorm has no CPU kernel.
+        discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+    with accelerator.main_process_first():  # one process downloads VGG16, the rest read the cache
+        perceptual, perceptual_note = build_perceptual(cfg.loss.perceptual_pretrained)
+    notes = [f"perceptual: {perceptual_note}"]
+    if perceptual is None and cfg.loss.perceptual_weight:
+        cfg.loss.perceptual_weight = 0.0  # the saved config records what was really used
+        notes.append("loss.perceptual_weight was set to 0.0 for this run because the VGG16 weights are unavailable")
+    loss_fn = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
+
+    params_g = [p for p in vae.parameters() if p.requires_grad]
+    if cfg.loss.learn_logvar:
+        params_g.append(loss_fn.logvar)
+    adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+    opt_g = torch.optim.Adam(params_g, **adam)
+    opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
+    # Stepped by hand once per optimizer step; prepared only so save_state checkpoints them.
+    schedule = dict(num_warmup_steps=cfg.optim.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
+    sched_g = get_scheduler(cfg.optim.lr_scheduler, opt_g, **schedule)
+    sched_d = get_scheduler(cfg.optim.lr_scheduler, opt_d, **schedule)
+    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=AutoencoderKL, model_config=vae.config) if cfg.train.use_ema else None
+
+    # ---- data ---------------------------------------------------------------------
+    train_paths, val_paths = split_paths(cfg)
+    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed)
+    val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+    val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
+    logger.info(
+        "data: %d training images (%d unreadable skipped), %d validation crops of %d px from %d images",
+        len(train_set), len(train_set.skipped), len(val_images), cfg.data.resolution, len(val_set.paths),
+    )
+
+    vae_forward = AutoencoderWithPosterior(vae)
+    vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
+        vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d
+    )
+    vae_unwrapped: AutoencoderKL = accelerator.unwrap_model(vae_forward).vae
+    disc_unwrapped = accelerator.unwrap_model(discriminator)
+    last_layer = vae_unwrapped.decoder.conv_out.weight  # where the adaptive weight balances nll and GAN
+    if ema is not None:
+        ema.to(accelerator.device)
+
+    # ---- resume -------------------------------------------------------------------
+    global_step = 0
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path, ema)
+        global_step = state["global_step"]
+        with torch.no_grad():
+            loss_fn.logvar.fill_(state["logvar"])
+        logger.info("resumed from %s at step %d", resume_path, global_step)
+    else:
+        set_seed(cfg.train.seed, device_specific=True)  # on resume, load_state restored each process's RNG
+
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml", notes)
+        accelerator.init_trackers("tensorboard")
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, global_step if resume_path else None)
+
+    samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
+    sampler = InfiniteSampler(
+        len(train_set), seed=cfg.train.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, start=global_step * samples_per_step,
+    )
+    loader = DataLoader(
+        train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
+        pin_memory=accelerator.device.type == "cuda", drop_last=True, persistent_workers=cfg.data.num_workers > 0,
+        # Its own generator: creating the iterator draws a worker seed, which must not come
+        # from the global RNG that a resumed run has just restored for the posterior noise.
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    batches = iter(loader)
+
+    def run_validation(step: int) -> dict[str, float]:
+        """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png."""
+        if ema is not None:
+            ema.store(vae_unwrapped.parameters())
+            ema.copy_to(vae_unwrapped.parameters())
+        metrics, recs = validate(accelerator, vae_unwrapped, val_images, cfg.data.batch_size)
+        if ema is not None:
+            ema.restore(vae_unwrapped.parameters())
+        metrics_log.write(step, metrics)
+        accelerator.log(metrics, step=step)
+        save_grid(val_images, recs, out / "samples" / f"step-{step:07d}.png")
+        return metrics
+
+    first_val = last_val = None
+    if accelerator.is_main_process and resume_path is None:
+        first_val = last_val = run_validation(0)
+        logger.info("step 0: val PSNR %.2f dB, SSIM %.3f", first_val["val/psnr"], first_val["val/ssim"])
+    accelerator.wait_for_everyone()
+
+    # ---- loop ---------------------------------------------------------------------
+    n_params = sum(p.numel() for p in vae_unwrapped.parameters())
+    logger.info(
+        "training %.2fM-parameter AutoencoderKL for %d steps, %d images per step over %d process(es)",
+        n_params / 1e6, cfg.train.max_steps, samples_per_step * accelerator.num_processes, accelerator.num_processes,
+    )
+    progress = tqdm(total=cfg.train.max_steps, initial=global_step, disable=not accelerator.is_main_process,
+                    desc="train_vae", unit="step", dynamic_ncols=True)
+    logs: dict[str, float] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    while global_step < cfg.train.max_steps:
+        with accelerator.accumulate(vae_forward, discriminator):
+            images = next(batches).to(accelerator.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+            reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
+            posterior = posterior_from_moments(moments)
+
+            # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
+            # reconstruction without collecting gradients of its own.
+            with accelerator.autocast():
+                loss_g, logs = loss_fn.generator_loss(
+                    images, reconstructions, posterior, global_step, last_layer, disc_unwrapped
+                )
+            accelerator.backward(loss_g)
+            if accelerator.sync_gradients:
+                if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                    loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
+                if cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(params_g, cfg.optim.max_grad_norm)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+
+            # Discriminator update on the detached reconstruction (silent before disc_start).
+            with accelerator.autocast():
+                loss_d, logs_d = loss_fn.discriminator_loss(images, reconstructions, global_step, discriminator)
+            logs.update(logs_d)
+            if loss_d.requires_grad:
+                accelerator.backward(loss_d)
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(discriminator.parameters(), cfg.optim.max_grad_norm)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        window_steps += 1
+        sched_g.step()
+        with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            sched_d.step()  # kept on the global schedule while the discriminator is silent
+        if ema is not None:
+            ema.step(vae_unwrapped.parameters())
+        progress.update(1)
+
+        if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            logs = reduce_mean(accelerator, logs)
+            logs["images_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
+            logs["lr"] = opt_g.param_groups[0]["lr"]
+            metrics_log.write(global_step, logs)
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
+                                 g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)
+            window_start, window_steps = time.perf_counter(), 0
+
+        if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
+            if accelerator.is_main_process:
+                last_val = run_validation(global_step)
+                progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
+            accelerator.wait_for_everyone()
+
+        if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
+            path = save_checkpoint(
+                accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
+            )
+            logger.info("saved %s", path)
+    progress.close()
+
+    # ---- export -------------------------------------------------------------------
+    vae_dir = out / "vae"
+    if accelerator.is_main_process:
+        final = vae_unwrapped
+        if ema is not None:
+            final = AutoencoderKL.from_config(vae_unwrapped.config).to(accelerator.device)
+            ema.copy_to(final.parameters())
+        keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
+        if not keep_latent_space:
+            # Measured, never a hard-coded 0.18215; the latent cache re-measures it over
+            # the whole dataset.
+            final.register_to_config(scaling_factor=estimate_scaling_factor(final.eval(), val_images))
+        export_vae(final, vae_dir)
+        logger.info("exported %s (scaling_factor %.4f)", vae_dir, final.config.scaling_factor)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),
+            "is_main_process": accelerator.is_main_process, "vae": vae_unwrapped, "discriminator": disc_unwrapped}
+
