@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny images on disk and a tiny stage-1 config (seconds on CPU)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Keep each test process from oversubscribing the CI machine's two cores.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def write_photos(folder: Path, n: int = 6, size: tuple[int, int] = (40, 48), seed: int = 0) -> list[Path]:
+    """n smooth random RGB images (gradients plus blobs), PNG, like tiny photos."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    paths = []
+    for i in range(n):
+        img = np.zeros((h, w, 3))
+        for c in range(3):
+            a, b, f = rng.uniform(-1, 1, 3)
+            img[..., c] = 0.5 + 0.3 * np.sin(6 * f * (a * xx + b * yy) + c)
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        img += 0.3 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02)[..., None] * rng.uniform(-1, 1, 3)
+        path = folder / f"photo_{i:02d}.png"
+        Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """A folder of 6 tiny photos (40 x 48 px)."""
+    write_photos(tmp_path / "photos")
+    return tmp_path / "photos"
+
+
+def tiny_overrides(photo_dir: Path, **extra) -> list[str]:
+    """key=value overrides for a seconds-long stage-1 run on ``photo_dir``.
+
+    Two resolution levels (f = 2), 8/16 channels, a random-backbone LPIPS (no weights
+    are on CI machines), 16 px crops, the GAN on from step 2.
+    """
+    values = {
+        "model.block_out_channels": "[8,16]",
+        "model.layers_per_block": 1,
+        "model.norm_num_groups": 4,
+        "loss.perceptual_pretrained": "false",
+        "loss.disc_start": 2,
+        "loss.disc_ndf": 8,
+        "loss.disc_num_layers": 2,
+        "data.source": "folder",
+        "data.train_dir": str(photo_dir),
+        "data.num_val_images": 2,
+        "data.resolution": 16,
+        "data.resize": 24,
+        "data.batch_size": 2,
+        "data.num_workers": 0,
+        "optim.lr": 1e-3,
+        "train.max_steps": 4,
+        "train.checkpointing_steps": 2,
+        "train.validation_steps": 2,
+        "train.log_steps": 1,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

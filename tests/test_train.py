@@ -1,0 +1,165 @@
+"""End-to-end stage-1 runs on tiny configs: checkpoints, exact resume, export, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from autoencoderkl.config import load_config
+from autoencoderkl.train import main
+from conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; forget the previous one's singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
+def run(photo_dir: Path, out: Path, resume=None, **overrides):
+    cfg = load_config(None, tiny_overrides(photo_dir, **overrides))
+    return main(cfg, out, resume=resume)
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_checkpoints_metrics_grids_config_and_a_loadable_vae(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run(photo_dir, out)
+    assert summary["global_step"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000000.png", "step-0000002.png", "step-0000004.png"]
+    assert (out / "config.yaml").read_text().startswith("# Resolved config")
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "TensorBoard logs missing"
+
+    records = read_metrics(out)
+    train = {r["step"]: r for r in records if "loss" in r}
+    val = [r for r in records if "val/psnr" in r]
+    assert sorted(train) == [1, 2, 3, 4] and [r["step"] for r in val] == [0, 2, 4]
+    # The GAN is silent before disc_start (global_step 0 and 1 are steps 1 and 2) and on after.
+    assert train[1]["g_loss"] == train[2]["g_loss"] == train[2]["d_loss"] == 0.0
+    assert train[3]["d_loss"] > 0 and train[3]["d_weight"] > 0 and train[4]["g_loss"] != 0
+
+    # The export is a diffusers folder that reproduces the trained model exactly.
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    exported = AutoencoderKL.from_pretrained(out / "vae")
+    assert exported.config.scaling_factor != 1.0  # measured at export, never hard-coded
+    trained = summary["vae"].eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        want = trained.decode(trained.encode(x).latent_dist.mode()).sample
+        got = exported.decode(exported.encode(x).latent_dist.mode()).sample
+    assert torch.equal(want, got)
+
+
+def test_resume_latest_continues_bit_exactly(photo_dir, tmp_path):
+    """4 steps straight == 2 steps, stop, --resume latest, 2 more (weights, EMA, D, logvar)."""
+    extra = {"train.use_ema": "true", "train.ema_decay": 0.9, "loss.learn_logvar": "true"}
+    straight = tmp_path / "straight"
+    run(photo_dir, straight, **extra)
+
+    resumed = tmp_path / "resumed"
+    run(photo_dir, resumed, **{**extra, "train.max_steps": 2})
+    summary = run(photo_dir, resumed, resume="latest", **extra)
+    assert summary["global_step"] == 4
+
+    a = straight / "checkpoints" / "step-0000004"
+    b = resumed / "checkpoints" / "step-0000004"
+    for name in ("model.safetensors", "model_1.safetensors", "ema.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}:{key} differs after resume"
+    sa, sb = (json.loads((p / "state.json").read_text()) for p in (a, b))
+    assert sa["logvar"] == sb["logvar"] != 0.0  # learn_logvar: it trained, and it was restored
+    # Each step is logged once, even though the first run of `resumed` logged steps 1-2.
+    assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(photo_dir, tmp_path):
+    out = tmp_path / "bf16"
+    summary = run(photo_dir, out, **{"train.mixed_precision": "bf16", "train.gradient_accumulation_steps": 2,
+                                     "train.max_steps": 2, "train.validation_steps": 2})
+    assert summary["global_step"] == 2  # optimizer steps, not micro-batches
+    assert all(p.dtype == torch.float32 for p in summary["vae"].parameters())
+    assert all(p.dtype == torch.float32 for p in summary["discriminator"].parameters())
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    run(photo_dir, out, **{"train.max_steps": 1})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(FileExistsError, match="--resume latest.*--overwrite"):
+        run(photo_dir, out, **{"train.max_steps": 1})
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint_is_an_error(photo_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        run(photo_dir, tmp_path / "run", resume=str(tmp_path / "nowhere"))
+
+
+DDP_DRIVER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    from safetensors.torch import save_file
+    from autoencoderkl.config import load_config
+    from autoencoderkl.train import main
+    from conftest import tiny_overrides
+    from pathlib import Path
+
+    out, photos = Path(sys.argv[1]), Path(sys.argv[2])
+    summary = main(load_config(None, tiny_overrides(photos)), out)
+    import os
+    rank = int(os.environ["RANK"])  # end_training() has already closed the process group
+    state = {f"vae.{k}": v for k, v in summary["vae"].state_dict().items()}
+    # Discriminator parameters only: with plain BatchNorm (CPU; GPUs use SyncBatchNorm)
+    # each process keeps its own running statistics, which the discriminator never uses
+    # because it always runs in train mode.
+    state.update({f"disc.{k}": v for k, v in summary["discriminator"].named_parameters()})
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(out / f"rank{rank}.safetensors"))
+    """
+)
+
+
+def test_two_process_run_ends_with_identical_weights_on_both_ranks(photo_dir, tmp_path):
+    """torchrun + gloo: gradients (VAE and discriminator) are all-reduced through DDP.
+
+    The ranks draw disjoint crops, so without the all-reduce their weights would differ.
+    """
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         str(driver), str(out), str(photo_dir), str(Path(__file__).parent)],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr, "the ranks did not form one process group"
+    r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert r0.keys() == r1.keys()
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), f"{key} differs between ranks"
+    initial = AutoencoderKL.from_config(AutoencoderKL.load_config(out / "vae"))  # any untrained weights
+    assert not torch.equal(r0["vae.decoder.conv_out.weight"], initial.decoder.conv_out.weight)
+    assert (out / "vae" / "config.json").is_file()
