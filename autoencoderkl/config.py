@@ -86,6 +86,9 @@ class DataConfig:
     val_grid: int = 1  # g: each validation image gives g x g fixed crops (1 = centre crop)
     batch_size: int = 8  # per process
     num_workers: int = 2  # DataLoader worker processes decoding images
+    # Keep decoded, resized images in memory (per worker) after first use: for datasets
+    # that fit in RAM; each later sample is only a crop.
+    cache_images: bool = False
 
 
 @dataclass

@@ -288,6 +288,9 @@ class ImageFolder(torch.utils.data.Dataset):
         train: random crop + flip (True) or the fixed evaluation grid (False).
         seed: >= 0, the base of every training crop/flip draw.
         grid: >= 1, crops per side in evaluation mode (ignored when training).
+        cache_images: keep each decoded, resized image in memory after its first use (per
+            DataLoader worker), so later samples only crop. For small datasets (the demo:
+            decoding a 1411 px JPEG per sample took a fifth of a 2-core CPU); off by default.
     Raises:
         ValueError: on an empty ``paths``, bad ``resolution``/``resize``/``seed``/``grid``,
             or when no file is a readable image (naming the folders and the reasons).
@@ -301,6 +304,7 @@ class ImageFolder(torch.utils.data.Dataset):
         train: bool = True,
         seed: int = 0,
         grid: int = 1,
+        cache_images: bool = False,
     ) -> None:
         resize = resolution if resize is None else resize
         if resolution < 1:
@@ -320,6 +324,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.train = train
         self.seed = seed
         self.grid = grid
+        self._cache: dict[int, Image.Image] | None = {} if cache_images else None
         self.skipped: list[tuple[Path, str]] = []
         self.paths: list[Path] = []
         for p in all_paths:
@@ -366,13 +371,21 @@ class ImageFolder(torch.utils.data.Dataset):
             return int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), False
         return int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))), False
 
-    def _sample(self, image_index: int, crop: int, draw: int) -> torch.Tensor:
+    def _resized(self, image_index: int) -> Image.Image:
+        """The decoded image with its shorter side resized to ``resize`` (cached if asked)."""
+        if self._cache is not None and image_index in self._cache:
+            return self._cache[image_index]
         img = load_rgb(self.paths[image_index])
-        w, h = img.size
-        if min(h, w) != self.resize:
+        if min(img.size) != self.resize:
             # int size: the shorter side becomes `resize`, aspect ratio kept.
             img = TF.resize(img, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
-            w, h = img.size
+        if self._cache is not None:
+            self._cache[image_index] = img
+        return img
+
+    def _sample(self, image_index: int, crop: int, draw: int) -> torch.Tensor:
+        img = self._resized(image_index)
+        w, h = img.size
         top, left, flip = self._crop_box(h, w, image_index, crop, draw)
         img = TF.crop(img, top, left, self.resolution, self.resolution)
         if flip:

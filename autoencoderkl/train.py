@@ -203,7 +203,8 @@ def main(
 
     # ---- data ---------------------------------------------------------------------
     train_paths, val_paths = split_paths(cfg)
-    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed)
+    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
+                            cache_images=cfg.data.cache_images)
     val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
     val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
     logger.info(

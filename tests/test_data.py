@@ -284,3 +284,18 @@ def test_demo_paths_exist_and_load():
         assert img.mode == "RGB" and min(img.size) > 0
     with pytest.raises(ValueError, match="train"):
         demo_image_paths("test")
+
+
+def test_cached_images_give_the_same_samples(tmp_path):
+    """cache_images only skips repeated decoding: every (index, draw) sample is unchanged."""
+    paths = []
+    for i, size in enumerate([(50, 40), (37, 61)]):
+        rgb = np.random.default_rng(i).integers(0, 256, (*size, 3), dtype=np.uint8)
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rgb).save(path)
+        paths.append(path)
+    plain = ImageFolder(paths, 16, 24, train=True, seed=3)
+    cached = ImageFolder(paths, 16, 24, train=True, seed=3, cache_images=True)
+    for key in [(0, 0), (1, 0), (0, 5), (1, 9), (0, 0)]:
+        assert torch.equal(plain[key], cached[key])
+    assert sorted(cached._cache) == [0, 1]
