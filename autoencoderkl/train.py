@@ -12,6 +12,7 @@ processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -319,7 +320,7 @@ def main(
         window_steps += 1
         sched_g.step()
         with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             sched_d.step()  # kept on the global schedule while the discriminator is silent
         if ema is not None:
             ema.step(vae_unwrapped.parameters())
