@@ -12,7 +12,6 @@ with its own dataclasses, so both stages read and fail the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import os
 import shlex
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -153,27 +152,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def valid_keys(schema: Any, prefix: str = "") -> list[str]:
+def valid_keys(schema: Any) -> list[str]:
     """Dotted names of every option of a config dataclass (instance or type), in order."""
-    keys = []
-    for f in dataclasses.fields(schema):
-        default = getattr(schema, f.name, None) if not isinstance(schema, type) else None
-        sub = default if dataclasses.is_dataclass(default) else None
-        if sub is None and f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            made = f.default_factory()  # type: ignore[misc]
-            sub = made if dataclasses.is_dataclass(made) else None
-        if sub is not None:
-            keys += valid_keys(sub, f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+
+    def flatten(tree: dict, prefix: str) -> list[str]:
+        return [key for name, value in tree.items()
+                for key in (flatten(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(schema)), "")
 
 
 def _config_error(exc: OmegaConfBaseException, schema: Any, where: str) -> ValueError:
     key = getattr(exc, "full_key", None) or "?"
     keys = valid_keys(schema)
     msg = str(exc).splitlines()[0]
-    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+    if isinstance(exc, ConfigKeyError):
         head = f"unknown config key '{key}' ({where})"
         close = difflib.get_close_matches(str(key), keys, n=2, cutoff=0.7)
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
@@ -278,7 +271,3 @@ def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> Non
     tmp.write_text(text)
     os.replace(tmp, path)
 
-
-def config_to_dict(cfg: Any) -> dict:
-    """A plain, JSON-serialisable dict of a config dataclass (for trackers and reports)."""
-    return dataclasses.asdict(cfg)

@@ -13,7 +13,6 @@ process (SyncBatchNorm refuses CPU tensors, so it cannot be done here unconditio
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

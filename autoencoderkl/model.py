@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -79,11 +78,6 @@ def load_vae(path: str | os.PathLike) -> AutoencoderKL:
     )
 
 
-def vae_downsampling_factor(vae: AutoencoderKL) -> int:
-    """f = H // h: 2 ** (number of resolution levels - 1); 8 for SD's kl-f8."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
 def freeze_encoder(vae: AutoencoderKL) -> None:
     """Freeze the encoder and ``quant_conv`` so only the decoder trains.
 
@@ -124,11 +118,6 @@ class AutoencoderWithPosterior(nn.Module):
         z = posterior.sample() if sample_posterior else posterior.mode()
         reconstructions = self.vae.decode(z).sample
         return reconstructions, posterior.parameters
-
-
-def posterior_from_moments(moments: Tensor) -> DiagonalGaussianDistribution:
-    """diffusers' ``DiagonalGaussianDistribution`` from (B, 2c, h, w) moments (mean, logvar)."""
-    return DiagonalGaussianDistribution(moments)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import Tensor
@@ -41,7 +42,6 @@ from .model import (
     export_vae,
     freeze_encoder,
     load_vae,
-    posterior_from_moments,
 )
 from .run import (
     MetricsLog,
@@ -286,7 +286,7 @@ def main(
         with accelerator.accumulate(vae_forward, discriminator):
             images = next(batches).to(accelerator.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
             reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
-            posterior = posterior_from_moments(moments)
+            posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
 
             # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
             # reconstruction without collecting gradients of its own.
