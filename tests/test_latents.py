@@ -1,0 +1,310 @@
+"""The latent cache: encode once (1 or 2 processes, resumable), read back as a dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
+from PIL import Image
+from safetensors.torch import load_file
+
+import latent_diffusion.latents as latents
+from autoencoderkl.data import UnreadableImageWarning
+from conftest import write_photos
+from latent_diffusion.latents import (
+    LatentDataset,
+    Source,
+    encode_latents,
+    list_sources,
+    load_index,
+    load_source,
+    vae_weights_sha256,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RES = 16  # pixels; the tiny VAE downsamples 2x -> (4, 8, 8) latents
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each encode builds its own Accelerator; forget the previous one's singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(path)
+    return path
+
+
+def encode(vae_dir: Path, data: Path | str, out: Path, **kwargs) -> dict:
+    kwargs = {"resolution": RES, "batch_size": 3, "shard_size": 4, "num_workers": 0, "cpu_threads": 1, **kwargs}
+    return encode_latents(vae_dir, data, out, **kwargs)
+
+
+def shard_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every shard of a cache, concatenated in order."""
+    index = load_index(out)
+    shards = [load_file(out / s["file"]) for s in index["shards"]]
+    return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+
+
+def test_cache_matches_direct_encode_of_the_same_pixels(vae_dir, photo_dir, tmp_path):
+    """Two DataLoader workers, 3 shards, batches of 3 that stop at shard ends."""
+    write_photos(photo_dir, n=9, seed=1)  # 9 photos: shards of 4, 4, 1
+    index = encode(vae_dir, photo_dir, tmp_path / "cache", num_workers=2)
+    sources, labels, classes = list_sources(photo_dir, RES)
+    assert index["paths"] == [s.name() for s in sources] and len(sources) == 9
+    assert labels is None and "classes" not in index
+    assert [s["num_latents"] for s in index["shards"]] == [4, 4, 1]
+    assert index["latent_shape"] == [4, RES // 2, RES // 2] and index["num_latents"] == 9
+    assert index["vae"]["sha256"] == vae_weights_sha256(tiny_vae())
+    assert index["vae"]["config"]["block_out_channels"] == [8, 8]
+
+    images = torch.stack([load_source(s, RES) for s in sources])  # (9, 3, 16, 16) in [-1, 1]
+    with torch.no_grad():
+        posterior = tiny_vae().encode(images).latent_dist
+    cached = shard_tensors(tmp_path / "cache")
+    assert cached["mean"].dtype == torch.float32 and "label" not in cached
+    torch.testing.assert_close(cached["mean"], posterior.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached["std"], posterior.std, rtol=1e-5, atol=1e-5)
+
+
+def test_load_source_resizes_the_shorter_side_and_centre_crops(tmp_path):
+    img = Image.new("RGB", (60, 20), (255, 255, 255))
+    img.paste((0, 0, 0), (0, 0, 10, 20))  # black left edge: outside the centre crop
+    img.save(tmp_path / "wide.png")
+    x = load_source(Source(tmp_path / "wide.png"), 8)  # 60 x 20 -> 24 x 8 -> centre 8 x 8
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    assert torch.equal(x, torch.ones(3, 8, 8))
+
+
+def test_statistics_equal_a_direct_computation(vae_dir, photo_dir, tmp_path):
+    index = encode(vae_dir, photo_dir, tmp_path / "cache", hflip=True)
+    t = {k: v.double() for k, v in shard_tensors(tmp_path / "cache").items()}
+    mean, var = t["mean"], t["std"] ** 2  # (12, 4, 8, 8): 6 images x 2 views
+    assert mean.shape == (12, 4, 8, 8)
+    mu_c = mean.mean(dim=(0, 2, 3))
+    std_c = ((mean**2 + var).mean(dim=(0, 2, 3)) - mu_c**2).sqrt()
+    glob_std = ((mean**2 + var).mean() - mean.mean() ** 2).sqrt()
+    stats = index["stats"]
+    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), mu_c)
+    torch.testing.assert_close(torch.tensor(stats["std"], dtype=torch.float64), std_c)
+    assert stats["global_mean"] == pytest.approx(mean.mean().item(), rel=1e-12)
+    assert stats["global_std"] == pytest.approx(glob_std.item(), rel=1e-12)
+    assert index["scaling_factor"] == pytest.approx(1 / glob_std.item(), rel=1e-12)
+    assert index["shift_factor"] == pytest.approx(mean.mean().item(), rel=1e-12)
+    assert stats["posterior_mean"]["global_std"] == pytest.approx(mean.std(unbiased=False).item(), rel=1e-9)
+
+    # The same figure from posterior samples, as stage 2 draws them: unit std after scaling.
+    torch.manual_seed(0)
+    ds = LatentDataset(tmp_path / "cache", shift_factor=index["shift_factor"])
+    z = torch.stack([ds[i]["latents"] for i in range(len(ds)) for _ in range(20)])
+    assert z.std().item() == pytest.approx(1.0, abs=0.03) and abs(z.mean().item()) < 0.03
+
+
+def test_two_processes_give_the_same_cache_as_one(vae_dir, photo_dir, tmp_path):
+    """torchrun + gloo through the script: shards dealt round-robin, index from the main process."""
+    write_photos(photo_dir, n=9, seed=1)
+    one = encode(vae_dir, photo_dir, tmp_path / "one", shard_size=2, batch_size=2, dtype="fp16")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+         str(REPO / "scripts" / "encode_latents.py"), "--vae", str(vae_dir), "--data", str(photo_dir),
+         "--out", str(tmp_path / "two"), "--resolution", str(RES), "--shard-size", "2", "--batch-size", "2",
+         "--dtype", "fp16", "--num-workers", "0", "--cpu-threads", "1"],
+        capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 shards of 2; 0 finished, 5 to encode (3 on rank 0 of 2" in proc.stderr
+    assert "(2 on rank 1 of 2" in proc.stderr
+    two = load_index(tmp_path / "two")
+    assert two == one
+    for s in one["shards"]:
+        a, b = load_file(tmp_path / "one" / s["file"]), load_file(tmp_path / "two" / s["file"])
+        assert a.keys() == b.keys() == {"mean", "std"}
+        for k in a:
+            assert a[k].dtype == torch.float16
+            assert torch.equal(a[k], b[k]), f"{s['file']} {k} differs between 1 and 2 processes"
+
+
+def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, photo_dir, tmp_path, monkeypatch):
+    write_photos(photo_dir, n=10, seed=1)  # shards of 4: 4, 4, 2 images; batches of 3: 2 + 2 + 1 forwards
+    reference = encode(vae_dir, photo_dir, tmp_path / "ref")
+    calls = []
+    real = latents.encode_batch
+
+    def dies_on_the_fourth_forward(vae, images, hflip=False):  # a kill in the middle of shard 1
+        calls.append(len(images))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(vae, images, hflip)
+
+    monkeypatch.setattr(latents, "encode_batch", dies_on_the_fourth_forward)
+    out = tmp_path / "cache"
+    with pytest.raises(KeyboardInterrupt):
+        encode(vae_dir, photo_dir, out)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors"]
+    with pytest.raises(FileNotFoundError, match="unfinished latent cache.*rerun"):
+        load_index(out)
+    (out / ".shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
+    first = (out / "shard-00000.safetensors").stat()
+
+    calls.clear()
+    monkeypatch.setattr(latents, "encode_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    index = encode(vae_dir, photo_dir, out)
+    assert calls == [3, 1, 2], "only shards 1 and 2 are encoded again"
+    again = (out / "shard-00000.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    assert not list(out.glob(".*.tmp"))
+    assert index == reference
+    ref, new = shard_tensors(tmp_path / "ref"), shard_tensors(out)
+    assert all(torch.equal(ref[k], new[k]) for k in ref)
+
+    calls.clear()  # a finished cache: nothing to do
+    assert encode(vae_dir, photo_dir, out) == reference and calls == []
+
+
+def test_resuming_with_another_vae_or_other_settings_is_refused(vae_dir, photo_dir, tmp_path):
+    out = tmp_path / "cache"
+    encode(vae_dir, photo_dir, out)
+    other = tmp_path / "other-vae"
+    tiny_vae(seed=1).save_pretrained(other)
+    with pytest.raises(ValueError, match="different VAE.*sha256"):
+        encode(other, photo_dir, out)
+    with pytest.raises(ValueError, match=r"other settings \(resolution: cache 16, now 32"):
+        encode(vae_dir, photo_dir, out, resolution=32)
+    write_photos(photo_dir, n=7, seed=2)  # one more image
+    with pytest.raises(ValueError, match="changed since.*1 added"):
+        encode(vae_dir, photo_dir, out)
+    with pytest.raises(ValueError, match="not divisible by the VAE's downsampling factor 2"):
+        encode(vae_dir, photo_dir, tmp_path / "odd", resolution=15)
+
+
+def test_a_mismatched_vae_is_refused_by_the_dataset(vae_dir, photo_dir, tmp_path):
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out)
+    assert len(LatentDataset(out, vae=vae_dir)) == 6  # the right VAE, by path
+    assert len(LatentDataset(out, vae=tiny_vae())) == 6  # ... or as a model
+    other = tiny_vae(seed=1)
+    with pytest.raises(ValueError, match="encode_latents.py") as err:
+        LatentDataset(out, vae=other)
+    assert index["vae"]["sha256"] in str(err.value) and vae_weights_sha256(other) in str(err.value)
+
+
+def test_vae_hash_follows_the_weights_not_the_file(vae_dir, tmp_path):
+    vae = tiny_vae()
+    assert vae_weights_sha256(vae) == vae_weights_sha256(latents.load_vae(vae_dir))
+    vae.save_pretrained(tmp_path / "bin", safe_serialization=False)  # another file format
+    assert vae_weights_sha256(latents.load_vae(tmp_path / "bin")) == vae_weights_sha256(vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias[0] += 1e-6
+    assert vae_weights_sha256(vae) != vae_weights_sha256(tiny_vae())
+
+
+def test_corrupt_images_are_skipped_and_counted(vae_dir, photo_dir, tmp_path):
+    (photo_dir / "photo_00b.png").write_bytes(b"")  # zero bytes
+    good = (photo_dir / "photo_01.png").read_bytes()
+    (photo_dir / "photo_03b.png").write_bytes(good[: len(good) // 2])  # truncated: header fine
+    with pytest.warns(UnreadableImageWarning) as record:
+        index = encode(vae_dir, photo_dir, tmp_path / "cache", hflip=True, num_workers=1)
+    messages = [str(w.message) for w in record]
+    assert any("photo_00b.png" in m for m in messages) and any("photo_03b.png" in m for m in messages)
+    assert any("skipped 2 of 8 images" in m for m in messages)
+    assert index["num_skipped"] == 2
+    assert sorted(Path(s["path"]).name for s in index["skipped"]) == ["photo_00b.png", "photo_03b.png"]
+    assert [Path(p).name for p in index["paths"]] == [f"photo_{i:02d}.png" for i in range(6)]
+    assert index["num_latents"] == 12 and [s["num_latents"] for s in index["shards"]] == [6, 6]
+    ds = LatentDataset(tmp_path / "cache", sample_posterior=False, scaling_factor=1.0)
+    assert ds.source(3) == (index["paths"][1], True)
+    x = torch.stack([load_source(Source(Path(index["paths"][1])), RES)])
+    with torch.no_grad():
+        mirrored = tiny_vae().encode(x.flip(-1)).latent_dist.mean[0]
+    torch.testing.assert_close(ds[3]["latents"], mirrored, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean(vae_dir, photo_dir, tmp_path):
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out)
+    mean = shard_tensors(out)["mean"]
+    scale = index["scaling_factor"]
+
+    ds = LatentDataset(out)
+    a, b = ds[2]["latents"], ds[2]["latents"]
+    assert a.shape == (4, 8, 8) and a.dtype == torch.float32 and not torch.equal(a, b)
+    assert ds.scaling_factor == scale and ds.shift_factor == 0.0 and set(ds[0]) == {"latents"}
+    assert ds.latent_shape == (4, 8, 8) and ds.num_classes is None and ds.class_names is None
+
+    det = LatentDataset(out, sample_posterior=False)
+    assert torch.equal(det[2]["latents"], mean[2] * scale)
+    assert torch.equal(det[-1]["latents"], mean[5] * scale)
+    shifted = LatentDataset(out, sample_posterior=False, scaling_factor=0.5, shift_factor=0.25)
+    assert torch.equal(shifted[2]["latents"], (mean[2] - 0.25) * 0.5)
+    with pytest.raises(IndexError):
+        det[6]
+
+    loader = torch.utils.data.DataLoader(det, batch_size=4, num_workers=2)  # shards opened in each worker
+    batches = list(loader)
+    torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), mean * scale)
+
+
+def test_class_subfolders_become_labels(vae_dir, tmp_path):
+    data = tmp_path / "pets"
+    write_photos(data / "dogs", n=2, seed=1)
+    write_photos(data / "cats", n=3, seed=2)
+    index = encode(vae_dir, data, tmp_path / "cache", shard_size=2, hflip=True)
+    assert index["classes"] == ["cats", "dogs"]
+    labels = shard_tensors(tmp_path / "cache")["label"]
+    assert labels.dtype == torch.int64 and labels.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    ds = LatentDataset(tmp_path / "cache")
+    assert ds.num_classes == 2 and ds.class_names == ["cats", "dogs"]
+    item = ds[7]
+    assert item["label"].dtype == torch.int64 and item["label"].shape == () and item["label"].item() == 1
+
+
+def test_load_index_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no latent cache.*encode_latents.py"):
+        load_index(tmp_path)
+    (tmp_path / "index.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_index(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        encode_latents("unused", tmp_path, tmp_path / "x", dtype="float64")
+
+
+def test_demo_is_a_fixed_set_of_labelled_tiles_inside_their_photos():
+    pytest.importorskip("skimage")
+    sources, labels, classes = list_sources("demo", 64)
+    assert len(sources) == 308 and len(labels) == 308
+    assert classes[:2] == ["astronaut", "rocket"] and len(classes) == 9 and set(labels) == set(range(9))
+    assert sources[0].name().endswith("astronaut.png#resize128_y0_x0")
+    for s in sources:
+        with Image.open(s.path) as im:
+            rw, rh = TF.resize(Image.new("L", im.size), s.resize).size  # as load_source resizes
+        assert 0 <= s.top <= rh - 64 and 0 <= s.left <= rw - 64, s
+    assert list_sources("demo", 64) == (sources, labels, classes)
