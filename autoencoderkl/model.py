@@ -10,12 +10,21 @@ the posterior that the KL term needs.
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
+import re
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import LDM_VAE_DEFAULT_SCALING_FACTOR
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
@@ -56,26 +65,301 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
     )
 
 
-def load_vae(path: str | os.PathLike) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from a diffusers-format folder or a training output dir.
+def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -> AutoencoderKL:
+    """Load an ``AutoencoderKL`` from any of the places a user keeps one. Nothing is downloaded.
+
+    Accepted ``path``:
+
+    * a diffusers-format folder (``config.json`` + ``diffusion_pytorch_model.safetensors``,
+      what ``save_pretrained`` and ``export_vae`` write);
+    * a training output dir, or a diffusers pipeline folder, whose ``vae/`` is such a folder;
+    * an original single-file checkpoint in the CompVis/Stable Diffusion key layout
+      (``encoder.down.0.block.0.conv1.weight``, ...): ``.safetensors``, or a ``.ckpt`` /
+      ``.pt`` / ``.pth`` read with ``torch.load(weights_only=True)``. A VAE-only file (as
+      Stability's ``vae-ft-mse-840000-ema-pruned``) or a whole SD checkpoint (the VAE keys
+      under ``first_stage_model.``) both work. The keys are converted by diffusers'
+      single-file loader (``AutoencoderKL.from_single_file``) against a LOCAL config, so no
+      hub access happens.
+
+    The config of a single file comes from, in order: ``config``; the diffusers config that
+    ``save_original_checkpoint`` stores in the file; or it is inferred from the tensor
+    shapes (block widths, layers per block, latent channels, mid-block attention), with
+    LDM's ``GroupNorm(32)`` and diffusers' default ``scaling_factor`` for original LDM
+    checkpoints (0.18215, SD 1.x/2.x; SDXL's VAE uses 0.13025) -- a warning says so;
+    measure the right one with ``scripts/eval_vae.py --latent-stats``.
 
     Args:
-        path: a folder holding ``config.json`` and ``diffusion_pytorch_model.safetensors``
-            (what ``save_pretrained`` writes), or a run's output dir whose ``vae/`` is that.
+        path: one of the above.
+        config: only for a single file: a diffusers folder holding ``config.json``, or a
+            ``config.json`` file, describing the model (e.g. SDXL's ``vae/config.json``).
     Returns:
-        The model in eval mode, float32, on the CPU. Nothing is downloaded.
+        The model in eval mode, float32 (an fp16 file is upcast), on the CPU.
     Raises:
-        FileNotFoundError: if neither ``path`` nor ``path/vae`` is such a folder.
+        FileNotFoundError: if ``path`` does not exist, or is a folder with neither
+            ``config.json`` nor ``vae/config.json``.
+        ValueError: if a file has another suffix, cannot be read (corrupt, or a ``.ckpt``
+            holding pickled objects besides tensors), holds no VAE weights in the original
+            layout, or misses weights the config needs.
     """
     root = Path(path)
-    for candidate in (root, root / "vae"):
-        if (candidate / "config.json").is_file():
-            return AutoencoderKL.from_pretrained(candidate, local_files_only=True).eval()
+    if root.is_file():
+        return _load_single_file(root, config)
+    if root.is_dir():
+        for candidate in (root, root / "vae"):
+            if (candidate / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(candidate, local_files_only=True).eval()
+    what = "is a folder without config.json or vae/config.json" if root.is_dir() else "does not exist"
     raise FileNotFoundError(
-        f"no AutoencoderKL at {root}: expected a diffusers folder with config.json and "
-        f"diffusion_pytorch_model.safetensors (AutoencoderKL.save_pretrained), or a "
-        f"training output dir holding one as vae/"
+        f"no AutoencoderKL at {root} ({what}): expected a diffusers folder with config.json and "
+        f"diffusion_pytorch_model.safetensors (AutoencoderKL.save_pretrained), a training output "
+        f"dir or pipeline folder holding one as vae/, or a single-file checkpoint "
+        f"({', '.join(SINGLE_FILE_SUFFIXES)})"
     )
+
+
+# ---- single-file checkpoints in the original (CompVis / Stable Diffusion) layout --------
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+# Where save_original_checkpoint keeps the diffusers config: safetensors metadata, or a
+# top-level string entry beside "state_dict" in a .ckpt. Other readers ignore it.
+CONFIG_METADATA_KEY = "diffusers_config"
+# Prefixes under which whole-model checkpoints keep the VAE (diffusers' LDM_VAE_KEYS).
+ORIGINAL_VAE_PREFIXES = ("first_stage_model.", "vae.", "")
+# Every parameter name of an original-layout VAE (what _diffusers_to_original_key must give).
+ORIGINAL_KEY_RE = re.compile(
+    r"^(encoder\.(conv_in|conv_out|norm_out|down\.\d+\.(block\.\d+|downsample))"
+    r"|decoder\.(conv_in|conv_out|norm_out|up\.\d+\.(block\.\d+|upsample))"
+    r"|(encoder|decoder)\.mid\.(block_[12]|attn_1\.(norm|q|k|v|proj_out))"
+    r"|(post_)?quant_conv)\.(conv\.)?(norm1\.|norm2\.|conv1\.|conv2\.|nin_shortcut\.)?(weight|bias)$"
+)
+LDM_NORM_NUM_GROUPS = 32  # ldm.modules.diffusionmodules.model.Normalize: GroupNorm(32)
+
+
+def _read_single_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """(tensors by name, the diffusers config stored in the file or None)."""
+    suffix = path.suffix.lower()
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(
+            f"{path}: unknown checkpoint suffix {path.suffix!r}; a single-file VAE must end in "
+            f"{', '.join(SINGLE_FILE_SUFFIXES)} (or pass its diffusers folder)"
+        )
+    stored = None
+    try:
+        if suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                stored = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(obj, dict):
+                raise ValueError(f"it holds a {type(obj).__name__}, not a dict of tensors")
+            stored = obj.get(CONFIG_METADATA_KEY)
+            while isinstance(obj.get("state_dict"), dict):  # Lightning: {"state_dict": {...}, ...}
+                obj = obj["state_dict"]
+            tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"cannot read {path} with torch.load(weights_only=True): it holds pickled objects "
+            f"besides tensors, which we do not unpickle ({str(exc).splitlines()[0]}). Convert it "
+            f"to .safetensors on a machine you trust."
+        ) from None
+    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError) as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    return tensors, (json.loads(stored) if isinstance(stored, str) else None)
+
+
+def _original_vae_prefix(keys: set[str]) -> str | None:
+    """The prefix under which ``keys`` hold an original-layout VAE, else None."""
+    for prefix in ORIGINAL_VAE_PREFIXES:
+        if f"{prefix}encoder.conv_in.weight" in keys and f"{prefix}decoder.conv_out.weight" in keys:
+            return prefix
+    return None
+
+
+def infer_original_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """A diffusers ``AutoencoderKL`` config from the tensor shapes of an original-layout VAE.
+
+    What the weights cannot tell is filled with LDM's values: ``norm_num_groups`` 32 (its
+    ``Normalize`` is ``GroupNorm(32)``) and diffusers' ``LDM_VAE_DEFAULT_SCALING_FACTOR``.
+
+    Args:
+        state_dict: original-layout VAE tensors without prefix (``encoder.down.0...``).
+    Returns:
+        A config dict for ``AutoencoderKL.from_config``.
+    Raises:
+        ValueError: if a block width is not divisible by 32 (then only an explicit config
+            can say what GroupNorm it used).
+    """
+    levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight$", k))})
+    block_out_channels = [int(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in levels]
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    moments = state_dict.get("quant_conv.weight", state_dict["encoder.conv_out.weight"])  # (2c, 2c or C, 1|3, 1|3)
+    bad = [c for c in block_out_channels if c % LDM_NORM_NUM_GROUPS]
+    if bad:
+        raise ValueError(
+            f"block widths {block_out_channels} are not all divisible by LDM's GroupNorm({LDM_NORM_NUM_GROUPS}), "
+            f"so the checkpoint's norm_num_groups cannot be inferred; pass its diffusers config "
+            f"(load_vae(path, config=...), eval_vae.py --vae-config)"
+        )
+    n = len(block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "in_channels": int(state_dict["encoder.conv_in.weight"].shape[1]),
+        "out_channels": int(state_dict["decoder.conv_out.weight"].shape[0]),
+        "down_block_types": ["DownEncoderBlock2D"] * n,
+        "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": len(layers),
+        "latent_channels": int(moments.shape[0]) // 2,
+        "norm_num_groups": LDM_NORM_NUM_GROUPS,
+        "sample_size": 512,  # only sets the tile size of enable_tiling()
+        "scaling_factor": LDM_VAE_DEFAULT_SCALING_FACTOR,
+        "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state_dict,
+        "use_quant_conv": "quant_conv.weight" in state_dict,
+        "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
+    }
+
+
+def _read_config(config: str | os.PathLike) -> dict[str, Any]:
+    p = Path(config)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise FileNotFoundError(f"VAE config {config}: expected a config.json file or a folder holding one")
+    return json.loads(file.read_text())
+
+
+def _load_single_file(path: Path, config: str | os.PathLike | None) -> AutoencoderKL:
+    """``load_vae`` for one file: read it ourselves, let diffusers convert the keys."""
+    tensors, stored = _read_single_file(path)
+    prefix = _original_vae_prefix(set(tensors))
+    if prefix is None:
+        if "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
+            hint = "its keys are in diffusers' layout: pass the folder that holds it and its config.json"
+        else:
+            hint = f"no encoder.conv_in.weight / decoder.conv_out.weight under any of the prefixes {list(ORIGINAL_VAE_PREFIXES)}"
+        raise ValueError(f"{path} is not an original-layout (CompVis/SD) VAE checkpoint: {hint}")
+    state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if config is not None:
+        cfg = _read_config(config)
+    elif stored is not None:
+        cfg = stored
+    else:
+        cfg = infer_original_config(state_dict)
+        warnings.warn(
+            f"{path} stores no diffusers config: inferred the architecture from its weights "
+            f"({cfg['block_out_channels']}, {cfg['layers_per_block']} layers per block, "
+            f"{cfg['latent_channels']} latent channels, GroupNorm(32)) and took diffusers' default "
+            f"scaling_factor for LDM checkpoints, {cfg['scaling_factor']} (SD 1.x/2.x; SDXL's VAE "
+            f"uses 0.13025). Pass config=... (--vae-config) or measure it with eval_vae.py --latent-stats.",
+            UserWarning,
+            stacklevel=3,
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **cfg}))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*low_cpu_mem_usage.*")
+            vae = AutoencoderKL.from_single_file(state_dict, config=tmp, local_files_only=True)
+    missing = [name for name, p in vae.state_dict().items() if p.is_meta]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} weight(s) that its config needs, e.g. {missing[:3]}; "
+            f"is the config right for this checkpoint?"
+        )
+    if any(p.dtype != torch.float32 for p in vae.parameters()):  # an fp16/bf16 file
+        vae = vae.to(torch.float32)
+    return vae.eval()
+
+
+def _diffusers_to_original_key(key: str, num_levels: int) -> str:
+    """One diffusers ``AutoencoderKL`` parameter name -> its CompVis/SD name.
+
+    The inverse of ``diffusers.loaders.single_file_utils.convert_ldm_vae_checkpoint``.
+    """
+    rules = (
+        (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.mid.attn_1."),
+    )
+    m = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets\.(\d+)|upsamplers\.0)\.(.*)$", key)
+    if m:  # diffusers counts up blocks from the lowest resolution, LDM from the highest
+        level = num_levels - 1 - int(m.group(1))
+        inner = f"block.{m.group(3)}" if m.group(3) is not None else "upsample"
+        key = f"decoder.up.{level}.{inner}.{m.group(4)}"
+    m = re.match(r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)$", key)
+    if m:
+        key = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    if ".mid.attn_1." in key:
+        for new, old in (("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")):
+            key = key.replace(f".attn_1.{new}", f".attn_1.{old}")
+    return key
+
+
+def original_state_dict(vae: AutoencoderKL, prefix: str = "") -> dict[str, Tensor]:
+    """The VAE's weights under CompVis/Stable Diffusion names (the reverse of diffusers' conversion).
+
+    Attention projections become 1x1 convolutions, (C, C) -> (C, C, 1, 1), as LDM's
+    ``AttnBlock`` holds them; every other tensor is shared unchanged.
+
+    Args:
+        vae: any ``AutoencoderKL`` built from ``DownEncoderBlock2D``/``UpDecoderBlock2D``.
+        prefix: put before every key, e.g. ``"first_stage_model."`` as in a whole SD checkpoint.
+    Returns:
+        name -> tensor (contiguous, on the CPU, in the model's dtype).
+    Raises:
+        ValueError: if a parameter has no counterpart in the original layout.
+    """
+    num_levels = len(vae.config.block_out_channels)
+    out: dict[str, Tensor] = {}
+    for name, tensor in vae.state_dict().items():
+        key = _diffusers_to_original_key(name, num_levels)
+        if not ORIGINAL_KEY_RE.match(key):
+            raise ValueError(f"parameter {name} has no counterpart in the original VAE layout (got {key})")
+        if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]
+        out[prefix + key] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def save_original_checkpoint(vae: AutoencoderKL, path: str | os.PathLike, prefix: str = "") -> Path:
+    """Write the VAE as one file in the original CompVis/Stable Diffusion key layout.
+
+    The format of Stability's ``vae-ft-mse-840000-ema-pruned.safetensors``: what A1111,
+    ComfyUI and CompVis code load as a VAE, and what ``load_vae`` (diffusers'
+    ``from_single_file``) reads back to bit-identical weights. The diffusers config is stored
+    alongside (safetensors metadata / a string entry of the ``.ckpt`` dict) under
+    ``CONFIG_METADATA_KEY``, so ``scaling_factor`` and ``norm_num_groups`` survive the trip;
+    other readers ignore it. Written to a temporary name and renamed into place.
+
+    Args:
+        vae: the model to write.
+        path: ``*.safetensors`` (preferred), or ``*.ckpt`` / ``*.pt`` / ``*.pth``: a
+            ``torch.save`` of ``{"state_dict": ..., "diffusers_config": str}`` that loads with
+            ``weights_only=True``, for tools that only read ``.ckpt``.
+        prefix: key prefix, e.g. ``"first_stage_model."``; none for a VAE-only file.
+    Returns:
+        ``path`` as a Path.
+    Raises:
+        ValueError: on another suffix, or a parameter without an original counterpart.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(f"{path}: a single-file checkpoint must end in {', '.join(SINGLE_FILE_SUFFIXES)}")
+    tensors = original_state_dict(vae, prefix)
+    config = {k: v for k, v in json.loads(vae.to_json_string()).items() if not k.startswith("_")}
+    config_json = json.dumps(config, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if suffix == ".safetensors":
+        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
+    else:
+        torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json}, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
