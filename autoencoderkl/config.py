@@ -88,6 +88,10 @@ class DataConfig:
     # Keep decoded, resized images in memory (per worker) after first use: for datasets
     # that fit in RAM; each later sample is only a crop.
     cache_images: bool = False
+    # Lossless training augmentations beyond the flip, for tiny datasets: a random
+    # quarter-turn, and a random order of the R, G, B planes.
+    rotate: bool = False
+    permute_channels: bool = False
 
 
 @dataclass
@@ -128,6 +132,10 @@ class TrainConfig:
     # launch sets OMP_NUM_THREADS=1 for CPU runs unless given --cpu, halving a 2-core
     # machine's speed; an explicit number here wins over both.)
     cpu_threads: Optional[int] = None
+    # NaN/inf gradients skip that optimizer step (counted as nonfinite_skips in
+    # metrics.jsonl); this many in a row stop the run with an error. fp16 runs leave
+    # overflow handling to the GradScaler.
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass

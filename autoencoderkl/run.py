@@ -16,7 +16,11 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -249,3 +253,138 @@ def reduce_mean(accelerator: Accelerator, values: dict[str, float]) -> dict[str,
     t = torch.tensor([float(values[k]) for k in keys], device=accelerator.device)
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.tolist()))
+
+
+class TrainingStopped(Exception):
+    """A run stopped early on purpose (a signal, or too many non-finite steps).
+
+    Attributes:
+        exit_code: what the entry point should exit with: 128 + signal number for a
+            signal (143 for SIGTERM, 130 for SIGINT, as shells report), 1 otherwise.
+    """
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """SIGTERM/SIGINT -> a flag the training loop polls once per optimizer step.
+
+    Preemptible clusters send SIGTERM and give a grace period; the loop then writes a
+    checkpoint and stops (``TrainingStopped``) instead of dying mid-step. A second
+    SIGINT (Ctrl-C twice) restores the default behaviour and interrupts at once.
+    Use as a context manager; handlers are installed only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+    def requested(self, accelerator: Accelerator) -> int | None:
+        """The signal number if any process received one, else None (all processes call).
+
+        The flag is all-reduced (max) so that every rank stops at the same step even when
+        only one was signalled.
+        """
+        flag = self.received or 0
+        if accelerator.num_processes > 1:
+            flag = int(accelerator.reduce(torch.tensor([flag], device=accelerator.device), reduction="sum").max())
+        return flag or None
+
+
+def stop_message(signum: int, global_step: int, checkpoint: Path, resume_hint: str) -> TrainingStopped:
+    """The exception a signalled run raises after its checkpoint is written."""
+    name = signal.Signals(signum).name
+    return TrainingStopped(
+        f"stopped by {name} at step {global_step}; checkpoint saved to {checkpoint}. "
+        f"Resume with: {resume_hint} --resume latest",
+        exit_code=128 + signum,
+    )
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose gradients are NaN or inf; give up after K in a row.
+
+    One bad batch (a corrupt image decoded to garbage, a discriminator blow-up) should
+    cost one step, not the run; a run that keeps producing non-finite values is broken
+    and must stop with a clear message rather than train on NaNs or silently stall.
+    Under DDP the gradients are all-reduced first, so every rank takes the same decision.
+
+    Args:
+        max_consecutive: K, consecutive skipped steps after which ``check`` raises.
+        name: which model's gradients (for messages).
+    Attributes:
+        skipped: steps skipped so far in this process's run (logged as ``nonfinite_skips``).
+    """
+
+    def __init__(self, max_consecutive: int, name: str):
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
+        self.max_consecutive, self.name = max_consecutive, name
+        self.skipped = 0
+        self.consecutive = 0
+
+    def check(self, grad_norm: torch.Tensor | float, global_step: int) -> bool:
+        """True if the step may go ahead; False to skip it (the caller zeroes the grads).
+
+        Args:
+            grad_norm: the total gradient norm of this optimizer step (any device).
+            global_step: optimizer steps done so far (for messages).
+        Raises:
+            TrainingStopped: on the K-th consecutive non-finite step.
+        """
+        if bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        logger.warning("step %d: non-finite %s gradient norm (%s); optimizer step skipped (%d in a row)",
+                       global_step + 1, self.name, grad_norm, self.consecutive)
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingStopped(
+                f"{self.consecutive} consecutive optimizer steps of the {self.name} had NaN/inf gradients "
+                f"(up to step {global_step + 1}); stopping. Resume from the last checkpoint with a lower "
+                f"optim.lr, gradient clipping (optim.max_grad_norm), train.mixed_precision=no or bf16, "
+                f"or check the data for broken images."
+            )
+        return False
+
+
+def resume_command() -> str:
+    """This process's command line with ``--resume`` dropped, for "resume with" messages.
+
+    Under ``accelerate launch`` or ``torchrun`` ``sys.argv`` holds only the script and
+    its arguments; the launcher is prefixed as ``accelerate launch``.
+    """
+    args, skip = [], False
+    for a in sys.argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a.startswith("--resume="):
+            continue
+        args.append(a)
+    return "accelerate launch " + shlex.join(args)

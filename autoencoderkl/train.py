@@ -12,6 +12,7 @@ processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import warnings
@@ -45,13 +46,17 @@ from .model import (
 )
 from .run import (
     MetricsLog,
+    NonFiniteGuard,
+    StopSignals,
     build_accelerator,
     load_checkpoint,
     prepare_output_dir,
     reduce_mean,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     set_cpu_threads,
+    stop_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -205,7 +210,8 @@ def main(
     # ---- data ---------------------------------------------------------------------
     train_paths, val_paths = split_paths(cfg)
     train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
-                            cache_images=cfg.data.cache_images)
+                            cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
+                            permute_channels=cfg.data.permute_channels)
     val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
     val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
     logger.info(
@@ -282,72 +288,94 @@ def main(
                     desc="train_vae", unit="step", dynamic_ncols=True)
     logs: dict[str, float] = {}
     window_start, window_steps = time.perf_counter(), 0
-    while global_step < cfg.train.max_steps:
-        with accelerator.accumulate(vae_forward, discriminator):
-            images = next(batches).to(accelerator.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-            reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
-            posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
+    # fp16's GradScaler already skips overflowing steps (and they are routine while it
+    # calibrates), so the guard watches fp32 and bf16 runs only.
+    guarded = cfg.train.mixed_precision != "fp16"
+    guard_g = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "autoencoder") if guarded else None
+    guard_d = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "discriminator") if guarded else None
+    with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
+        while global_step < cfg.train.max_steps:
+            with accelerator.accumulate(vae_forward, discriminator):
+                images = next(batches).to(accelerator.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+                reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
+                posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
 
-            # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
-            # reconstruction without collecting gradients of its own.
-            with accelerator.autocast():
-                loss_g, logs = loss_fn.generator_loss(
-                    images, reconstructions, posterior, global_step, last_layer, disc_unwrapped
+                # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
+                # reconstruction without collecting gradients of its own.
+                with accelerator.autocast():
+                    loss_g, logs = loss_fn.generator_loss(
+                        images, reconstructions, posterior, global_step, last_layer, disc_unwrapped
+                    )
+                accelerator.backward(loss_g)
+                if accelerator.sync_gradients:
+                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
+                    # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
+                    grad_norm = accelerator.clip_grad_norm_(params_g, cfg.optim.max_grad_norm or math.inf)
+                    if guard_g is not None and not guard_g.check(grad_norm, global_step):
+                        opt_g.zero_grad(set_to_none=True)  # Adam skips parameters without grads
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+
+                # Discriminator update on the detached reconstruction (silent before disc_start).
+                with accelerator.autocast():
+                    loss_d, logs_d = loss_fn.discriminator_loss(images, reconstructions, global_step, discriminator)
+                logs.update(logs_d)
+                if loss_d.requires_grad:
+                    accelerator.backward(loss_d)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(discriminator.parameters(), cfg.optim.max_grad_norm or math.inf)
+                        if guard_d is not None and not guard_d.check(grad_norm, global_step):
+                            opt_d.zero_grad(set_to_none=True)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            window_steps += 1
+            sched_g.step()
+            with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                sched_d.step()  # kept on the global schedule while the discriminator is silent
+            if ema is not None:
+                ema.step(vae_unwrapped.parameters())
+            progress.update(1)
+
+            if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = reduce_mean(accelerator, logs)
+                logs["images_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
+                logs["lr"] = opt_g.param_groups[0]["lr"]
+                if guarded:
+                    logs["nonfinite_skips"] = guard_g.skipped + guard_d.skipped
+                metrics_log.write(global_step, logs)
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
+                                     g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+
+            if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
+                if accelerator.is_main_process:
+                    last_val = run_validation(global_step)
+                    progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
+                accelerator.wait_for_everyone()
+
+            checkpoint = None
+            if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
+                checkpoint = save_checkpoint(
+                    accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
                 )
-            accelerator.backward(loss_g)
-            if accelerator.sync_gradients:
-                if cfg.loss.learn_logvar and accelerator.num_processes > 1:
-                    loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
-                if cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(params_g, cfg.optim.max_grad_norm)
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-
-            # Discriminator update on the detached reconstruction (silent before disc_start).
-            with accelerator.autocast():
-                loss_d, logs_d = loss_fn.discriminator_loss(images, reconstructions, global_step, discriminator)
-            logs.update(logs_d)
-            if loss_d.requires_grad:
-                accelerator.backward(loss_d)
-                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(discriminator.parameters(), cfg.optim.max_grad_norm)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        window_steps += 1
-        sched_g.step()
-        with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            sched_d.step()  # kept on the global schedule while the discriminator is silent
-        if ema is not None:
-            ema.step(vae_unwrapped.parameters())
-        progress.update(1)
-
-        if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            logs = reduce_mean(accelerator, logs)
-            logs["images_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
-            logs["lr"] = opt_g.param_groups[0]["lr"]
-            metrics_log.write(global_step, logs)
-            accelerator.log(logs, step=global_step)
-            progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
-                                 g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)
-            window_start, window_steps = time.perf_counter(), 0
-
-        if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
-            if accelerator.is_main_process:
-                last_val = run_validation(global_step)
-                progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
-            accelerator.wait_for_everyone()
-
-        if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
-            path = save_checkpoint(
-                accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
-            )
-            logger.info("saved %s", path)
+                logger.info("saved %s", checkpoint)
+            signum = stop.requested(accelerator)
+            if signum is not None:  # SIGTERM/SIGINT: checkpoint, then stop (the script exits 128 + signum)
+                if checkpoint is None:
+                    checkpoint = save_checkpoint(
+                        accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
+                    )
+                progress.close()
+                accelerator.end_training()  # flush TensorBoard
+                raise stop_message(signum, global_step, checkpoint, resume_command())
     progress.close()
 
     # ---- export -------------------------------------------------------------------

@@ -299,3 +299,22 @@ def test_cached_images_give_the_same_samples(tmp_path):
     for key in [(0, 0), (1, 0), (0, 5), (1, 9), (0, 0)]:
         assert torch.equal(plain[key], cached[key])
     assert sorted(cached._cache) == [0, 1]
+
+
+def test_rotate_and_permute_channels_transform_the_same_crop(folder):
+    """The extra draws come after crop and flip: the same pixels, turned and re-ordered."""
+    plain = ImageFolder(folder, resolution=16, resize=24, seed=3)
+    augmented = ImageFolder(folder, resolution=16, resize=24, seed=3, rotate=True, permute_channels=True)
+    seen_turns, seen_orders = set(), set()
+    for draw in range(40):
+        x, y = plain[(0, draw)], augmented[(0, draw)]
+        matches = [
+            (turns, order)
+            for turns in range(4)
+            for order in itertools.permutations(range(3))
+            if torch.equal(torch.rot90(x, turns, dims=(1, 2))[list(order)], y)
+        ]
+        assert matches, f"draw {draw}: not a rotation + channel permutation of the plain crop"
+        seen_turns.add(matches[0][0])
+        seen_orders.add(matches[0][1])
+    assert len(seen_turns) == 4 and len(seen_orders) == 6
