@@ -44,8 +44,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import queue
+import struct
 import threading
 import warnings
 from bisect import bisect_right
@@ -86,6 +88,7 @@ INDEX_FILE = "index.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_TEMPLATE = "shard-{:05d}.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 # Demo tiles: the photos' shorter side is resized to these multiples of the resolution.
 DEMO_SCALES = (2, 3, 4)
 _MAX_NAMED_WARNINGS = 20  # per process; the rest are only counted
@@ -741,13 +744,41 @@ def load_index(root: PathLike) -> dict[str, Any]:
     return index
 
 
+def map_shard(path: PathLike) -> dict[str, Tensor]:
+    """Zero-copy, memory-mapped views of the tensors of a shard file.
+
+    The safetensors layout (an 8-byte little-endian header length, a JSON header giving
+    each tensor's dtype, shape and byte range, then the bytes) mapped with ``mmap``
+    copy-on-write and viewed with ``torch.frombuffer``: nothing is read until a row is
+    indexed, every process shares the page cache, and the file is never written. Reading
+    one row this way costs microseconds, against ~65 us for ``safe_open(...).get_slice``.
+
+    Returns:
+        name -> tensor viewing the file (``mean``, ``std``: (N, c, h, w); ``label``: (N,)).
+    """
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    (header_len,) = struct.unpack("<Q", mm[:8])
+    header = json.loads(mm[8 : 8 + header_len])
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        start, stop = info["data_offsets"]
+        count = (stop - start) // dtype.itemsize
+        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + header_len + start) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """The latent cache as a dataset of scaled posterior samples, for stage 2.
 
     Item i is row i of the cache (shards concatenated in order). With ``hflip`` caches,
     row 2k is ``index["paths"][k]`` and row 2k+1 the same image mirrored; ``source(i)``
-    says which. The shards are memory-mapped (safetensors ``safe_open``, opened lazily in
-    each process, so DataLoader workers share the page cache); reading a row copies it.
+    says which. The shards are memory-mapped (``map_shard``, opened lazily in each
+    process, so DataLoader workers share the page cache); reading a row copies it.
 
     ``latents = (z - shift_factor) * scaling_factor`` with ``z = mean + std * eps``,
     eps ~ N(0, I) drawn fresh on every call from torch's global RNG (DataLoader workers
@@ -821,11 +852,11 @@ class LatentDataset(torch.utils.data.Dataset):
         """(the source path of row i, whether it is the mirrored view)."""
         return self.index["paths"][i // self._views], bool(i % self._views)
 
-    def _handle(self, shard: int):
+    def _shard(self, shard: int) -> dict[str, Tensor]:
         if self._pid != os.getpid():  # first use in this process (e.g. a forked worker)
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self._files[shard]), framework="pt")
+            self._handles[shard] = map_shard(self._files[shard])
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
@@ -843,13 +874,11 @@ class LatentDataset(torch.utils.data.Dataset):
         i %= n
         shard = bisect_right(self._offsets, i) - 1
         row = i - self._offsets[shard]
-        f = self._handle(shard)
-        mean = f.get_slice("mean")[row : row + 1][0].float()  # (c, h, w)
-        z = mean
+        tensors = self._shard(shard)
+        z = tensors["mean"][row].float()  # (c, h, w); a view of the file for fp32 caches: not modified in place
         if self.sample_posterior:
-            std = f.get_slice("std")[row : row + 1][0].float()
-            z = mean + std * torch.randn_like(mean)
+            z = z + tensors["std"][row].float() * torch.randn(z.shape)
         item = {"latents": (z - self.shift_factor) * self.scaling_factor}
         if self.num_classes is not None:
-            item["label"] = f.get_slice("label")[row : row + 1][0].to(torch.int64)
+            item["label"] = tensors["label"][row].clone()  # () int64
         return item
