@@ -22,7 +22,6 @@ every file counts; the report says how many were, and the CSV marks each.
 from __future__ import annotations
 
 import csv
-import hashlib
 import heapq
 import importlib.util
 import io
@@ -48,7 +47,7 @@ from tqdm.auto import tqdm
 from .data import ImageFolder, list_images, load_rgb, to_tensor
 from .losses import build_perceptual
 from .metrics import psnr_ssim_8bit, to_uint8_range
-from .model import load_vae
+from .model import load_vae, vae_weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -216,19 +215,6 @@ def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.M
 # ---- evaluation ---------------------------------------------------------------------
 
 
-def weights_sha256(vae: nn.Module) -> str:
-    """sha256 over the parameter names and float32 bytes, in sorted name order.
-
-    The same for a model however it was stored (diffusers folder, original single file),
-    so two reports can show they measured identical weights.
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _summary(values: Sequence[float]) -> dict[str, float]:
     """mean, sample std (n - 1; 0 for one value), min, max."""
     a = np.asarray(values, dtype=np.float64)
@@ -314,7 +300,7 @@ def _describe_source(vae: AutoencoderKL | PathLike) -> dict[str, Any]:
 
 def _vae_info(vae: AutoencoderKL, source: dict[str, Any]) -> dict[str, Any]:
     c = vae.config
-    return {**source, "weights_sha256": weights_sha256(vae),
+    return {**source, "weights_sha256": vae_weights_sha256(vae),
             "num_parameters": sum(p.numel() for p in vae.parameters()),
             "config": {k: c.get(k) for k in ("block_out_channels", "layers_per_block", "latent_channels",
                                              "norm_num_groups", "scaling_factor", "shift_factor")}}

@@ -10,6 +10,7 @@ the posterior that the KL term needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -171,7 +172,7 @@ def _read_single_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | N
 def _original_vae_prefix(keys: set[str]) -> str | None:
     """The prefix under which ``keys`` hold an original-layout VAE, else None."""
     for prefix in ORIGINAL_VAE_PREFIXES:
-        if f"{prefix}encoder.conv_in.weight" in keys and f"{prefix}decoder.conv_out.weight" in keys:
+        if f"{prefix}encoder.down.0.block.0.conv1.weight" in keys and f"{prefix}decoder.conv_out.weight" in keys:
             return prefix
     return None
 
@@ -236,7 +237,8 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Autoencod
         if "encoder.down_blocks.0.resnets.0.conv1.weight" in tensors:
             hint = "its keys are in diffusers' layout: pass the folder that holds it and its config.json"
         else:
-            hint = f"no encoder.conv_in.weight / decoder.conv_out.weight under any of the prefixes {list(ORIGINAL_VAE_PREFIXES)}"
+            hint = (f"no encoder.down.0.block.0.conv1.weight / decoder.conv_out.weight under any of the prefixes "
+                    f"{list(ORIGINAL_VAE_PREFIXES)}")
         raise ValueError(f"{path} is not an original-layout (CompVis/SD) VAE checkpoint: {hint}")
     state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if config is not None:
@@ -360,6 +362,28 @@ def save_original_checkpoint(vae: AutoencoderKL, path: str | os.PathLike, prefix
         torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def vae_weights_sha256(vae: nn.Module) -> str:
+    """SHA-256 of a VAE's weights, independent of the file format they came from.
+
+    Hashes, for every entry of ``vae.state_dict()`` in sorted key order, the key, the dtype,
+    the shape and the raw bytes (little-endian, C order). A diffusers folder and an original
+    single file of the same weights give the same hash once loaded (``load_vae`` gives
+    float32); any changed weight, an fp16 copy, or another architecture gives another. The
+    same fingerprint as ``latent_diffusion.latents.vae_weights_sha256``, so an evaluation
+    report and a latent cache can be matched to one model.
+
+    Returns:
+        64 lowercase hex digits.
+    """
+    digest = hashlib.sha256()
+    state = vae.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:
