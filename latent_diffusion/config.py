@@ -1,0 +1,209 @@
+"""Typed stage-2 run configuration: defaults < YAML file < ``key=value`` overrides.
+
+The same machinery as stage 1 (``autoencoderkl.config.merge_config`` / ``save_config``):
+an unknown key, a wrong type or a value outside its choices stops the run before any
+work, naming the key and listing the valid ones.
+
+Defaults follow LDM (Rombach et al. 2022) where it has one: the DDPM noise schedule
+"scaled_linear" from beta 0.00085 to 0.012 over 1000 steps, epsilon prediction, a plain
+MSE; AdamW, warm-up and an EMA of the U-Net as diffusers' training examples do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from autoencoderkl.config import merge_config
+
+# diffusers block names a UNet2DModel accepts (the rest are conditioning-specific).
+DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+
+
+@dataclass
+class ModelConfig:
+    """The diffusers ``UNet2DModel`` that predicts the noise (or v) of a latent.
+
+    In/out channels and ``sample_size`` are not options: they come from the latent cache
+    (c and h of its (c, h, w) latents).
+    """
+
+    # Channels of each resolution level; len - 1 downsamplings, so h must be divisible
+    # by 2 ** (len - 1).
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])
+    # One block type per level, from the input resolution down (Attn* = self-attention
+    # after each ResNet layer of that level).
+    down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
+    layers_per_block: int = 2  # ResNet layers per level (up blocks get one more, as diffusers)
+    attention_head_dim: int = 32  # channels per attention head
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
+    dropout: float = 0.0
+    # Condition on the cache's class labels when it has any (num_class_embeds = classes
+    # + 1: the extra index is the "null" class of classifier-free guidance). false trains
+    # an unconditional model even on a labelled cache.
+    class_conditional: bool = True
+    # Probability that a training label is replaced by the null class (Ho & Salimans 2022,
+    # classifier-free guidance); 0 disables guidance at sampling time in effect.
+    label_dropout: float = 0.1
+
+
+@dataclass
+class NoiseConfig:
+    """The forward process q(c_t | c_0) (diffusers ``DDPMScheduler``) and the training target."""
+
+    num_train_timesteps: int = 1000  # T; training draws t uniformly from {1..T}
+    beta_schedule: str = "scaled_linear"  # LDM: betas = linspace(sqrt(b0), sqrt(b1), T) ** 2
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    # What the U-Net predicts: epsilon (LDM, DDPM) | v_prediction (Salimans & Ho 2022,
+    # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) c_0).
+    prediction_type: str = "epsilon"
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): weight min(SNR_t, gamma) / SNR_t
+    # for epsilon, / (SNR_t + 1) for v. null = the plain (unweighted) MSE. 5 is the paper's.
+    snr_gamma: Optional[float] = None
+    # Sampler saved in pipeline/ and used for the training-time sample grids:
+    # ddim (eta 0) | ddpm (ancestral, the training chain). sample_ldm.py can swap it.
+    pipeline_scheduler: str = "ddim"
+    # How sampling picks its timesteps: trailing (starts at t = T, Lin et al. 2024) |
+    # leading (SD 1.x) | linspace.
+    timestep_spacing: str = "trailing"
+
+
+@dataclass
+class DataConfig:
+    """The latent cache (``scripts/encode_latents.py``) and the VAE that decodes it."""
+
+    latents: Optional[str] = None  # the cache folder (--latents)
+    # The diffusers AutoencoderKL the cache was encoded with (--vae); null = the path the
+    # cache's index.json records. Used to decode sample grids; a cache made by a different
+    # VAE (weights hash) is refused.
+    vae: Optional[str] = None
+    # z = mean + std * eps, a fresh posterior draw per use (LDM); false trains on the mean.
+    sample_posterior: bool = True
+    # latents = (z - shift_factor) * scaling_factor. null = the cache's values (1 / std of
+    # its latents, shift 0 as SD 1.x). Whatever is used is written into pipeline/vae.
+    scaling_factor: Optional[float] = None
+    shift_factor: Optional[float] = None
+    batch_size: int = 64  # per process
+    # Latents are small and memory-mapped: 0 reads them in the main process (needed for a
+    # bit-exact resume, since the posterior draws then come from the checkpointed RNG).
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on the U-Net, with a warm-up."""
+
+    lr: float = 1e-4  # per optimizer step; no hidden scaling with the batch
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm; null = off
+    # diffusers.optimization schedule over train.max_steps:
+    # constant | constant_with_warmup | linear | cosine.
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 500  # optimizer steps of linear warm-up from 0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, precision, EMA, checkpoints, sample grids."""
+
+    max_steps: int = 100_000  # optimizer steps (global_step counts these)
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
+    seed: int = 0
+    checkpointing_steps: int = 5000
+    checkpoints_total_limit: Optional[int] = 3  # keep the newest K; null keeps all
+    # Every N steps: a fixed-noise validation loss and samples/step-NNNNNNN.png (EMA weights).
+    validation_steps: int = 1000
+    num_validation_samples: int = 16  # images in each grid, from fixed seeds 0..N-1
+    validation_inference_steps: int = 50  # sampler steps for the grids
+    validation_guidance_scale: float = 1.0  # classifier-free guidance for the grids
+    log_steps: int = 10  # every N steps: a line in metrics.jsonl and TensorBoard
+    use_ema: bool = True  # pipeline/ gets the EMA weights (diffusers EMAModel)
+    ema_decay: float = 0.9999  # the EMA's decay (its maximum, with ema_warmup)
+    # Ramp the decay up as 1 - (1 + step) ** -ema_power (diffusers' use_ema_warmup with
+    # inv_gamma 1), capped at ema_decay, so short runs are not dominated by the init.
+    ema_warmup: bool = True
+    ema_power: float = 0.75
+    # Intra-op threads on CPU; null = this process's share of the cores.
+    cpu_threads: Optional[int] = None
+
+
+@dataclass
+class LDMConfig:
+    """A whole stage-2 run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "noise.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
+    "noise.prediction_type": ("epsilon", "v_prediction"),
+    "noise.pipeline_scheduler": ("ddim", "ddpm"),
+    "noise.timestep_spacing": ("trailing", "leading", "linspace"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+}
+
+
+def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> LDMConfig:
+    """Stage-2 config: ``merge_config(LDMConfig, ...)`` plus cross-field checks.
+
+    Args:
+        yaml_path: a YAML file with any subset of the keys, nested (e.g.
+            ``configs/latent_diffusion/demo.yaml``).
+        overrides: dotted ``section.key=value`` strings, e.g. ``train.max_steps=200``.
+    Returns:
+        The typed ``LDMConfig``. ``data.latents`` may still be None here: the command line
+        fills it from ``--latents``, and ``train.main`` checks it.
+    Raises:
+        FileNotFoundError: if ``yaml_path`` does not exist.
+        ValueError: on an unknown key (listing the valid ones), a wrong type, a value
+            outside its choices, a block list that does not match ``block_out_channels``,
+            or a count, probability or rate out of range.
+    """
+    cfg = merge_config(LDMConfig, yaml_path, overrides, CHOICES)
+    m = cfg.model
+    levels = len(m.block_out_channels)
+    if levels < 1 or len(m.down_block_types) != levels or len(m.up_block_types) != levels:
+        raise ValueError(
+            f"model.block_out_channels ({levels} levels: {m.block_out_channels}), model.down_block_types "
+            f"({m.down_block_types}) and model.up_block_types ({m.up_block_types}) must have the same length"
+        )
+    for key, names, allowed in (("model.down_block_types", m.down_block_types, DOWN_BLOCKS),
+                                ("model.up_block_types", m.up_block_types, UP_BLOCKS)):
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise ValueError(f"{key}: unknown block type(s) {bad}; valid: {list(allowed)}")
+    bad = [c for c in m.block_out_channels if c % m.norm_num_groups or c % m.attention_head_dim]
+    if bad:
+        raise ValueError(
+            f"model.block_out_channels {m.block_out_channels} must be divisible by model.norm_num_groups="
+            f"{m.norm_num_groups} and model.attention_head_dim={m.attention_head_dim}; {bad} are not"
+        )
+    for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation_steps", "train.checkpointing_steps",
+                "train.validation_steps", "train.log_steps", "train.num_validation_samples",
+                "train.validation_inference_steps", "model.layers_per_block", "noise.num_train_timesteps"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    for key, value in (("model.label_dropout", m.label_dropout), ("model.dropout", m.dropout),
+                       ("train.ema_decay", cfg.train.ema_decay)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{key} must lie in [0, 1), got {value}")
+    if cfg.noise.snr_gamma is not None and cfg.noise.snr_gamma <= 0:
+        raise ValueError(f"noise.snr_gamma must be > 0 (5 in Hang et al. 2023) or null, got {cfg.noise.snr_gamma}")
+    if cfg.data.scaling_factor is not None and cfg.data.scaling_factor <= 0:
+        raise ValueError(f"data.scaling_factor must be > 0 or null (the cache's), got {cfg.data.scaling_factor}")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    return cfg
