@@ -1,0 +1,211 @@
+"""``LatentDiffusionPipeline``: noise -> U-Net denoising in latent space -> VAE decode -> images.
+
+A ``diffusers.DiffusionPipeline`` with three components, ``unet`` (``UNet2DModel``),
+``scheduler`` (any diffusers sampling scheduler) and ``vae`` (``AutoencoderKL``), so
+``save_pretrained`` writes the usual folder (``model_index.json``, ``unet/``,
+``scheduler/``, ``vae/``, safetensors) and ``LatentDiffusionPipeline.from_pretrained(DIR)``
+loads it back, offline.
+
+The scale of the latent space lives in the pipeline's ``vae.config``: the U-Net was
+trained on ``latents = (z - shift_factor) * scaling_factor`` (z a raw posterior sample),
+and ``train.py`` writes the ``scaling_factor`` and ``shift_factor`` it actually trained
+with (those of the latent cache, or the run's override) into ``pipeline/vae/config.json``.
+Sampling divides by exactly those numbers before decoding; nothing is hard-coded
+(Rombach et al. 2022, sec. 4.3.2: SD 1.x's 0.18215 is one VAE's value, not a constant).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from .model import null_class_index
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class LatentDiffusionPipeline(DiffusionPipeline):
+    """Class-conditional or unconditional latent diffusion with classifier-free guidance.
+
+    Args:
+        unet: predicts epsilon (or v, per ``scheduler.config.prediction_type``) of
+            (B, c, h, w) latents; class-conditional when ``unet.config.num_class_embeds``
+            is set, whose last index is the null class (see ``latent_diffusion.model``).
+        scheduler: a diffusers scheduler configured as in training (same betas and
+            prediction type); DDIM, DDPM, DPM-Solver++ and Euler are tested.
+        vae: the frozen ``AutoencoderKL`` the latents came from; its config's
+            ``scaling_factor`` (and ``shift_factor``, when set) are those the U-Net was
+            trained with.
+        class_names: optional names of the class indices 0..K-1 (e.g. the cache's class
+            folders), saved in ``model_index.json``.
+
+    Example::
+
+        pipe = LatentDiffusionPipeline.from_pretrained("runs/ldm-demo/pipeline")
+        images = pipe(batch_size=4, class_labels=[0, 1, 2, 3], guidance_scale=2.0,
+                      generator=[torch.Generator().manual_seed(i) for i in range(4)]).images
+    """
+
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet: UNet2DModel, scheduler, vae: AutoencoderKL, class_names: Optional[list[str]] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+
+    @property
+    def num_classes(self) -> int | None:
+        """K, the number of real classes (labels 0..K-1), or None for an unconditional U-Net."""
+        null = null_class_index(self.unet)
+        return None if null is None else null
+
+    def _labels(self, class_labels, batch_size: int, device: torch.device) -> Tensor | None:
+        """(B,) int64 labels; the null class where none is given; None if unconditional."""
+        null = null_class_index(self.unet)
+        if null is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given, but this U-Net is unconditional (unet.config.num_class_embeds is None)")
+            return None
+        if class_labels is None:
+            return torch.full((batch_size,), null, dtype=torch.long, device=device)
+        labels = torch.as_tensor(class_labels, dtype=torch.long, device=device).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
+        if labels.numel() != batch_size:
+            raise ValueError(f"got {labels.numel()} class labels for batch_size {batch_size}")
+        if labels.min() < 0 or labels.max() >= null:
+            raise ValueError(f"class labels must lie in [0, {null - 1}] ({null} classes), got {labels.tolist()}")
+        return labels
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        class_labels: Union[int, list[int], Tensor, None] = None,
+        guidance_scale: float = 1.0,
+        generator: Union[torch.Generator, list[torch.Generator], None] = None,
+        latents: Optional[Tensor] = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> Union[ImagePipelineOutput, tuple]:
+        """Sample images.
+
+        Args:
+            batch_size: B, images to generate.
+            num_inference_steps: sampler steps.
+            class_labels: one int for all images, or B ints in [0, K); None samples the
+                null class (unconditional; with an unconditional U-Net, must be None).
+            guidance_scale: s of classifier-free guidance, eps = eps(null) + s (eps(y) -
+                eps(null)) (Ho & Salimans 2022). 1 uses the conditional prediction alone
+                (one U-Net call per step); other values cost two. Ignored without labels.
+            generator: a ``torch.Generator``, or B of them (one per image: image i then
+                depends only on generator i, not on the batch it shares).
+            latents: optional (B, c, h, w) starting noise, instead of drawing it.
+            eta: DDIM's eta (0: deterministic); ignored by schedulers without it.
+            output_type: pil (list of PIL images) | np ((B, H, W, 3) float32 in [0, 1]) |
+                pt ((B, 3, H, W) float32 in [0, 1]) | latent ((B, c, h, w) denoised
+                latents, still multiplied by the scaling factor).
+            return_dict: return ``ImagePipelineOutput`` (else a 1-tuple).
+        Returns:
+            ``ImagePipelineOutput(images=...)`` in ``output_type``.
+        Raises:
+            ValueError: on a label out of range or for an unconditional U-Net, a wrong
+                number of labels or generators, or an unknown ``output_type``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size {batch_size}; give one or B")
+        device = self._execution_device
+        labels = self._labels(class_labels, batch_size, device)
+        guided = labels is not None and class_labels is not None and guidance_scale != 1.0
+        null_labels = torch.full_like(labels, null_class_index(self.unet)) if guided else None
+
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        shape = (batch_size, self.unet.config.in_channels, h, w)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+
+        step_params = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in step_params}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = torch.cat([latents, latents]) if guided else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_labels = torch.cat([labels, null_labels]) if guided else labels
+            out = self.unet(model_input, t, class_labels=model_labels).sample  # (B or 2B, c, h, w)
+            if guided:
+                cond, uncond = out.chunk(2)
+                out = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+
+        if output_type == "latent":
+            images = latents
+        else:
+            # Undo the training scale: z = latents / scaling_factor + shift_factor.
+            z = latents / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+            decoded = self.vae.decode(z.to(self.vae.dtype)).sample.float()  # (B, 3, H, W), about [-1, 1]
+            images = self.image_processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def save_pipeline(pipeline: LatentDiffusionPipeline, out_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` in safetensors into ``out_dir``, atomically.
+
+    Writes ``out_dir.tmp`` and renames it into place, so a reader never sees a
+    half-written pipeline; an existing ``out_dir`` is replaced.
+
+    Returns:
+        ``out_dir`` as a Path, loadable with ``LatentDiffusionPipeline.from_pretrained``.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def load_pipeline(path: str | os.PathLike, device: str | torch.device | None = None) -> LatentDiffusionPipeline:
+    """Load a saved pipeline from its folder or from a training run's output dir, offline.
+
+    Args:
+        path: a folder holding ``model_index.json`` (``save_pipeline``), or a run's output
+            dir whose ``pipeline/`` is that.
+        device: where to move it (default: stay on the CPU).
+    Raises:
+        FileNotFoundError: if neither ``path`` nor ``path/pipeline`` is a pipeline folder.
+    """
+    root = Path(path)
+    for candidate in (root, root / "pipeline"):
+        if (candidate / "model_index.json").is_file():
+            pipe = LatentDiffusionPipeline.from_pretrained(candidate, local_files_only=True)
+            return pipe.to(device) if device is not None else pipe
+    raise FileNotFoundError(
+        f"no LatentDiffusionPipeline at {root}: expected a folder with model_index.json, unet/, scheduler/ "
+        f"and vae/ (what train_ldm.py writes as OUTPUT_DIR/pipeline), or a run's output dir holding one"
+    )

@@ -1,0 +1,167 @@
+"""Sample a trained ``LatentDiffusionPipeline`` into PNG files and a grid (``scripts/sample_ldm.py``).
+
+Image i of a run with seed S starts from its own noise generator, seeded from (S, i)
+(``image_generators``), and every later random draw of a stochastic sampler comes from
+that generator too. So the same seed gives the same images, whatever the batch size
+(up to float rounding of batched kernels) and however many images are asked for; seeds
+S and S + 1 share no image. Thousands of images for an FID set are generated in
+batches of ``batch_size`` and written as they come.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from .model import SAMPLERS, build_sampler
+from .pipeline import LatentDiffusionPipeline, load_pipeline
+
+GRID_MAX = 64  # images shown in grid.png (the first ones)
+
+
+def image_generators(seed: int, indices: range | list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One ``torch.Generator`` per image, seeded from ``numpy.random.SeedSequence([seed, i])``.
+
+    Args:
+        seed: >= 0, the run's seed.
+        indices: image numbers i (>= 0) within the run.
+        device: where the generators draw (the noise is drawn there).
+    """
+    gens = []
+    for i in indices:
+        state = np.random.SeedSequence([seed, i]).generate_state(2, dtype=np.uint32)
+        gens.append(torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1])))
+    return gens
+
+
+def class_labels_for(pipeline: LatentDiffusionPipeline, class_label: Union[int, str], indices: range) -> list[int] | None:
+    """Labels for images ``indices``: "cycle" -> i % K, an int -> that class, "none" -> None (null class).
+
+    Raises:
+        ValueError: an int label with an unconditional U-Net or out of [0, K), or an
+            unknown string.
+    """
+    k = pipeline.num_classes
+    if class_label == "none" or (class_label == "cycle" and not k):
+        return None
+    if class_label == "cycle":
+        return [i % k for i in indices]
+    if isinstance(class_label, str):
+        raise ValueError(f"class label must be an integer, 'cycle' or 'none', got {class_label!r}")
+    if not k:
+        raise ValueError(f"--class-label {class_label}: this model is unconditional (trained on a cache without labels)")
+    if not 0 <= class_label < k:
+        names = pipeline.config.class_names
+        listing = ", ".join(f"{i}={n}" for i, n in enumerate(names)) if names else f"0..{k - 1}"
+        raise ValueError(f"class label {class_label} out of range; this model has {k} classes: {listing}")
+    return [class_label] * len(indices)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    """(H, W, 3) uint8 -> PNG, written to a temporary name and renamed into place."""
+    tmp = path.with_name(path.stem + ".tmp.png")
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def sample(
+    model: Union[str, os.PathLike, LatentDiffusionPipeline],
+    out: Union[str, os.PathLike],
+    num_images: int,
+    steps: int = 50,
+    scheduler: str | None = "ddim",
+    class_label: Union[int, str] = "cycle",
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate ``num_images`` PNGs ``out/NNNNNN.png`` and ``out/grid.png`` of the first 64.
+
+    Args:
+        model: a pipeline folder (``OUTPUT_DIR/pipeline``), a run's output dir, or a
+            loaded ``LatentDiffusionPipeline``.
+        out: the folder for the PNGs (created); files of the same names are replaced.
+        num_images: N >= 1.
+        steps: sampler steps per image.
+        scheduler: ddim | ddpm | dpm (DPM-Solver++ 2M) | euler, made from the pipeline's
+            scheduler config (same betas and prediction type); None keeps the saved one.
+        class_label: "cycle" (image i gets class i % K; unconditional models ignore it),
+            an int class for all images, or "none" (the null class: unconditional).
+        guidance_scale: classifier-free guidance s (1 = none; needs class labels).
+        seed: >= 0; image i's noise comes from ``image_generators(seed, [i])``.
+        batch_size: images per U-Net batch (x2 with guidance).
+        device: default CUDA when available, else the CPU.
+        progress: show a tqdm bar over images.
+    Returns:
+        ``paths`` (list of Paths, in image order), ``grid`` (Path), ``seconds``,
+        ``images_per_sec``, and ``settings`` (also written to ``out/sampling.json``).
+    Raises:
+        FileNotFoundError: ``model`` is not a pipeline folder.
+        ValueError: a bad count, scheduler name or class label.
+    """
+    if num_images < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(f"num_images, batch_size and steps must be >= 1, got {num_images}, {batch_size}, {steps}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if scheduler is not None and scheduler not in SAMPLERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; valid: {list(SAMPLERS)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline = model if isinstance(model, LatentDiffusionPipeline) else load_pipeline(model)
+    pipeline.to(device)
+    pipeline.unet.eval(), pipeline.vae.eval()
+    if scheduler is not None:
+        pipeline.scheduler = build_sampler(scheduler, pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    class_labels_for(pipeline, class_label, range(1))  # a bad label fails before any work
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(num_images - 1)))
+    paths, shown = [], []
+    bar = tqdm(total=num_images, desc="sample_ldm", unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    for first in range(0, num_images, batch_size):
+        indices = range(first, min(first + batch_size, num_images))
+        images = pipeline(
+            batch_size=len(indices), num_inference_steps=steps,
+            class_labels=class_labels_for(pipeline, class_label, indices), guidance_scale=guidance_scale,
+            generator=image_generators(seed, indices, device), output_type="np",
+        ).images  # (b, H, W, 3) float32 in [0, 1]
+        arrays = (images * 255).round().astype(np.uint8)
+        for i, array in zip(indices, arrays):
+            path = out / f"{i:0{width}d}.png"
+            _save_png(array, path)
+            paths.append(path)
+            if len(shown) < GRID_MAX:
+                shown.append(torch.from_numpy(array).permute(2, 0, 1))
+        bar.update(len(indices))
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    grid = out / "grid.png"
+    k = pipeline.num_classes
+    nrow = k if class_label == "cycle" and k and k <= 16 else math.ceil(math.sqrt(len(shown)))
+    tmp = grid.with_name("grid.tmp.png")
+    save_image(make_grid(torch.stack(shown).float() / 255, nrow=nrow, padding=2, pad_value=1.0), tmp)
+    os.replace(tmp, grid)
+    settings = {"model": str(model) if not isinstance(model, LatentDiffusionPipeline) else None,
+                "num_images": num_images, "steps": steps, "scheduler": type(pipeline.scheduler).__name__,
+                "class_label": class_label, "guidance_scale": guidance_scale, "seed": seed,
+                "class_names": pipeline.config.class_names,
+                "vae_scaling_factor": pipeline.vae.config.scaling_factor,
+                "vae_shift_factor": pipeline.vae.config.shift_factor}
+    (out / "sampling.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return {"paths": paths, "grid": grid, "seconds": seconds, "images_per_sec": num_images / seconds,
+            "settings": settings}
