@@ -439,8 +439,10 @@ def encode_latents(
 ) -> dict[str, Any]:
     """Encode an image folder (or the demo photos) into a latent cache at ``out``.
 
-    Every process of an Accelerate launch calls this. The main process lists the sources
-    and checks or writes ``manifest.json``; the shards not yet on disk are dealt to the
+    Every process of an Accelerate launch calls this. Every process lists the sources,
+    hashes the VAE and checks an existing ``manifest.json`` against them (so all raise
+    the same errors); the main process writes it on a first run. The shards not yet on
+    disk are dealt to the
     ranks round-robin (rank r takes the r-th, (r + N)-th, ... missing shard); each rank
     decodes its images in ``num_workers`` DataLoader workers, encodes them in batches that
     never straddle a shard, and hands each finished shard to a writer thread. After all
@@ -451,7 +453,7 @@ def encode_latents(
     ``index.json`` keys: ``format_version``; ``paths`` (encoded sources in cache order:
     files, or ``FILE#resizeS_yT_xL`` for demo tiles); ``resolution``; ``hflip``;
     ``dtype``; ``latent_shape`` [c, h, w]; ``num_latents`` (rows; 2 x paths with hflip);
-    ``vae`` {``config``, ``sha256``, ``path``}; ``shards`` [{``file``, ``num_latents``,
+    ``vae`` {``config``, ``sha256``, ``path`` (absolute)}; ``shards`` [{``file``, ``num_latents``,
     ``start``, ``stop``} with start/stop the shard's source range in the manifest];
     ``stats``; ``scaling_factor`` = 1 / ``stats.global_std``; ``shift_factor`` =
     ``stats.global_mean``; ``classes`` (names in label order, only when labelled);
@@ -509,7 +511,7 @@ def encode_latents(
         "format_version": FORMAT_VERSION,
         "settings": {"data": "demo" if str(data) == "demo" else str(Path(data).resolve()),
                      "resolution": resolution, "hflip": hflip, "dtype": dtype, "shard_size": shard_size},
-        "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(vae_path)},
+        "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(Path(vae_path).resolve())},
         "latent_shape": list(latent_shape),
         "num_shards": (len(sources) + shard_size - 1) // shard_size,
         "sources": names,

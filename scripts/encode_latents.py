@@ -25,7 +25,7 @@ def parse_args(argv=None):
     parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, or a train_vae.py output dir (its vae/)")
     parser.add_argument("--data", required=True,
                         help="image folder (searched recursively; class subfolders become labels), or 'demo': "
-                             "tiles of the photos scikit-image ships, labelled by photo")
+                             "tiles of the photos scikit-image ships, labelled by photo (a folder named demo: ./demo)")
     parser.add_argument("--out", required=True, help="the cache folder (created, or resumed if it holds an unfinished cache)")
     parser.add_argument("--resolution", type=int, default=256,
                         help="square crop side in pixels: shorter side resized to it, centre crop (default: 256)")

@@ -308,3 +308,26 @@ def test_demo_is_a_fixed_set_of_labelled_tiles_inside_their_photos():
             rw, rh = TF.resize(Image.new("L", im.size), s.resize).size  # as load_source resizes
         assert 0 <= s.top <= rh - 64 and 0 <= s.left <= rw - 64, s
     assert list_sources("demo", 64) == (sources, labels, classes)
+
+
+def test_benchmark_encode_writes_both_rates_and_the_environment(vae_dir, photo_dir, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--what", "encode", "--vae", str(vae_dir), "--data", str(photo_dir), "--num-images", "5",
+                    "--resolution", str(RES), "--batch-size", "2", "--num-workers", "0", "--cpu-threads", "1",
+                    "--repeats", "2", "--warmup", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["what"] == "encode" and report["settings"]["num_images"] == 5
+    for case in ("end_to_end", "pure_encode"):
+        result = report["results"][case]
+        assert result["items"] == 5 and len(result["seconds"]) == 2
+        assert result["items_per_s_min"] <= result["items_per_s"] <= result["items_per_s_max"]
+    env = report["environment"]
+    assert env["device"] == "cpu" and env["torch_threads"] == 1 and env["versions"]["torch"] == torch.__version__
+    assert report["end_to_end_over_pure"] == pytest.approx(
+        report["results"]["end_to_end"]["items_per_s"] / report["results"]["pure_encode"]["items_per_s"])
+    assert "end to end / pure" in capsys.readouterr().out
