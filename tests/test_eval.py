@@ -351,3 +351,13 @@ def test_latent_stats_command_writes_stats_and_config(tmp_path, vae_dir, capsys)
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert json.loads((tmp_path / "config.json").read_text())["scaling_factor"] == stats["scaling_factor"]
     assert "scaling_factor" in capsys.readouterr().out
+
+
+def test_lpips_is_reported_per_image_when_a_network_is_there(tmp_path, vae_dir):
+    write_photos(tmp_path / "photos", n=3, size=(20, 28))
+    report = evaluate_vae(vae_dir, tmp_path / "photos", out=tmp_path / "report.json", resolution=RES, num_workers=0,
+                          lpips="random", fid="off", progress=False)
+    values = [float(r["lpips"]) for r in csv.DictReader((tmp_path / "report_per_image.csv").open())]
+    assert len(values) == 3 and all(v > 0 for v in values)
+    assert report["lpips"]["mean"] == pytest.approx(np.mean(values))
+    assert "RANDOM" in report["notes"]["lpips"]
