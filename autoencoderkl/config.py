@@ -38,8 +38,10 @@ class ModelConfig:
     norm_num_groups: int = 32
     # Self-attention in the mid block at the lowest resolution (as SD's VAE).
     mid_block_add_attention: bool = True
-    # Start from a diffusers-format AutoencoderKL folder instead of random weights;
-    # model shape options above are then taken from that folder's config.json.
+    # Start from existing weights instead of random ones: a diffusers AutoencoderKL folder,
+    # a training output dir (its vae/), or an original single-file SD VAE (.safetensors /
+    # .ckpt, e.g. vae-ft-mse-840000-ema-pruned). The model shape options above are then
+    # taken from that model's config (see autoencoderkl.model.load_vae).
     pretrained: Optional[str] = None
 
 
