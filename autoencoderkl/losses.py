@@ -35,7 +35,8 @@ from autoencoderkl.config import LossConfig
 # The torchvision weights LPIPS(net="vgg", pnet_rand=False) loads for its backbone.
 VGG16_URL: str = VGG16_Weights.IMAGENET1K_V1.url
 VGG16_FILE: str = VGG16_URL.rsplit("/", 1)[-1]  # "vgg16-397923af.pth"
-DOWNLOAD_TIMEOUT_S: float = 20.0  # socket timeout while torchvision tries to download
+VGG16_SHA256_PREFIX: str = VGG16_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's naming convention
+DOWNLOAD_TIMEOUT_S: float = 20.0  # socket timeout of the VGG16 download
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
@@ -79,6 +80,39 @@ def vgg16_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
+# The LPIPS linear heads (Zhang et al. 2018) ship inside the lpips package.
+LPIPS_HEADS_FILE: Path = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+
+
+def _lpips_vgg(backbone: dict[str, Tensor] | None) -> lpips.LPIPS:
+    """LPIPS(net="vgg") whose every weight file is read with ``weights_only=True``.
+
+    lpips itself reads its heads with a bare ``torch.load`` and has torchvision read the
+    backbone with ``weights_only=False`` (a full unpickle of a file in the user's cache), so
+    both are loaded here instead.
+
+    Args:
+        backbone: torchvision's VGG16 state dict (``features.N.weight``, ...), or None to
+            keep the random backbone.
+    Raises:
+        KeyError, RuntimeError: if a file lacks a tensor LPIPS needs or has the wrong shape.
+    """
+    module = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    heads = torch.load(LPIPS_HEADS_FILE, map_location="cpu", weights_only=True)
+    missing, unexpected = module.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if k[:3] == "lin" and k[3].isdigit()]  # ("lins.N" aliases linN)
+    if missing or unexpected:
+        raise RuntimeError(f"{LPIPS_HEADS_FILE}: missing {missing}, unexpected {unexpected}")
+    if backbone is not None:
+        net = module.net
+        for block in (net.slice1, net.slice2, net.slice3, net.slice4, net.slice5):
+            for index, layer in block.named_children():  # children keep torchvision's indices
+                for name, param in layer.named_parameters(recurse=False):
+                    with torch.no_grad():
+                        param.copy_(backbone[f"features.{index}.{name}"])
+    return module
+
+
 def _freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
@@ -113,20 +147,20 @@ def build_perceptual(pretrained: str) -> tuple[lpips.LPIPS | None, str]:
     if choice not in ("true", "false", "auto"):
         raise ValueError(f"perceptual_pretrained must be one of 'true', 'false', 'auto', got {pretrained!r}")
     if choice == "false":
-        module = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
-        return _freeze(module), ("LPIPS with a RANDOM VGG16 backbone (perceptual_pretrained=false): "
-                                 "for tests only, not a perceptual metric")
+        return _freeze(_lpips_vgg(None)), ("LPIPS with a RANDOM VGG16 backbone (perceptual_pretrained=false): "
+                                           "for tests only, not a perceptual metric")
 
     path = vgg16_weights_path()
     was_cached = path.is_file()
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        with warnings.catch_warnings():
-            # lpips calls torchvision's deprecated `pretrained=True`; that warning is noise here.
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\..*")
-            module = lpips.LPIPS(net="vgg", pnet_rand=False, verbose=False)
-    except Exception as exc:  # URLError, socket.timeout, a corrupt cache file, ...
+        if not was_cached:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Checks the sha256 prefix; writes a temporary file, then renames it into place.
+            torch.hub.download_url_to_file(VGG16_URL, str(path), hash_prefix=VGG16_SHA256_PREFIX, progress=False)
+        module = _lpips_vgg(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # URLError, socket.timeout, a corrupt or foreign cache file, ...
         why = (f"the cached file could not be loaded ({type(exc).__name__}: {exc}); delete it to re-download"
                if was_cached else f"it is not cached and the download failed ({type(exc).__name__}: {exc})")
         where = (f"LPIPS needs torchvision's VGG16 ImageNet weights '{VGG16_FILE}' in {path.parent} "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,129 @@ def test_nan_loss_every_step_stops_the_run_with_a_clear_message(photo_dir, tmp_p
     inject_into_generator_loss(monkeypatch, lambda step, loss: loss * math.nan if step >= 1 else loss)
     with pytest.raises(TrainingStopped, match=r"3 consecutive optimizer steps of the autoencoder had NaN/inf gradients \(up to step 4\)"):
         run(photo_dir, tmp_path / "run", **{"train.max_consecutive_nonfinite": 3})
+
+
+# --- SIGKILL: a process that dies without warning loses at most the steps since its
+# --- last complete checkpoint, and never resumes from a half-written one.
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs scripts/train_vae.py after patching it to SIGKILL itself at a chosen point:
+# KILL_AT_CHECKPOINT=N while writing the step-N checkpoint (model weights on disk,
+# optimizer state and state.json not yet); KILL_IN_STEP=N in the middle of step N.
+KILLING_DRIVER = """
+import os, signal, runpy, sys
+from accelerate import Accelerator
+from autoencoderkl.losses import AutoencoderLoss
+
+kill_at_checkpoint = os.environ.get("KILL_AT_CHECKPOINT")
+save_state = Accelerator.save_state
+def dying_save_state(self, output_dir=None, **kwargs):
+    if kill_at_checkpoint and output_dir.endswith(f"step-{int(kill_at_checkpoint):07d}"):
+        self.save_model(self._models[0], output_dir)  # some files, then death
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_state(self, output_dir, **kwargs)
+Accelerator.save_state = dying_save_state
+
+kill_in_step = os.environ.get("KILL_IN_STEP")
+generator_loss = AutoencoderLoss.generator_loss
+def dying_generator_loss(self, inputs, reconstructions, posterior, global_step, *args, **kwargs):
+    if kill_in_step and global_step + 1 == int(kill_in_step):  # forward done, no update yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return generator_loss(self, inputs, reconstructions, posterior, global_step, *args, **kwargs)
+AutoencoderLoss.generator_loss = dying_generator_loss
+
+sys.argv = ["train_vae.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "scripts", "train_vae.py"), run_name="__main__")
+"""
+
+
+def train_vae_cli(args: list[str], **kill) -> subprocess.CompletedProcess:
+    """``train_vae.py ARGS`` in a child process; ``kill``: KILL_AT_CHECKPOINT / KILL_IN_STEP."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "REPO": str(REPO)}
+    env.update({k: str(v) for k, v in kill.items()})
+    return subprocess.run([sys.executable, "-c", KILLING_DRIVER, *args], env=env, text=True,
+                          capture_output=True, timeout=300)
+
+
+def test_sigkill_mid_step_and_mid_checkpoint_then_resume_matches_an_uninterrupted_run(photo_dir, tmp_path):
+    overrides = tiny_overrides(photo_dir, **{"train.max_steps": 6, "train.checkpointing_steps": 2,
+                                             "train.checkpoints_total_limit": "null", "train.cpu_threads": 1})
+    common = ["--config", str(REPO / "configs" / "autoencoderkl" / "demo.yaml"), *overrides]
+
+    straight = tmp_path / "straight"
+    proc = train_vae_cli([*common, "--output-dir", str(straight)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    # 1. Killed while writing the step-4 checkpoint: step-2 is the newest complete one.
+    run_dir = tmp_path / "killed"
+    proc = train_vae_cli([*common, "--output-dir", str(run_dir)], KILL_AT_CHECKPOINT=4)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-step-0000004", "step-0000002"]
+
+    # 2. Resumed, then killed in the middle of step 5.
+    proc = train_vae_cli([*common, "--output-dir", str(run_dir), "--resume", "latest"], KILL_IN_STEP=5)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]  # .tmp cleared, 4 whole
+
+    # 3. Resumed again: it goes on from step 4 and ends where the uninterrupted run ended.
+    proc = train_vae_cli([*common, "--output-dir", str(run_dir), "--resume", "latest"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from " + str(checkpoints / "step-0000004") in proc.stderr
+    metrics = run_dir / "metrics.jsonl"
+    want, got = weights(straight, 6), weights(run_dir, 6)
+    assert all(torch.equal(want[k], got[k]) for k in want), "weights after two kills differ from the uninterrupted run"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2, 3, 4, 5, 6], "each step must be logged exactly once"
+
+
+# --- No pickle on data a user might receive -------------------------------------------
+
+UNSAFE_CALLS = {
+    ("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
+    ("dill", "load"), ("dill", "loads"), ("joblib", "load"),
+}
+
+
+def test_package_and_scripts_never_unpickle():
+    """Every torch.load passes weights_only=True; no pickle/dill/joblib load; no allow_pickle."""
+    violations = []
+    files = [p for d in ("autoencoderkl", "latent_diffusion", "scripts") for p in sorted((REPO / d).rglob("*.py"))]
+    assert len(files) > 10
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = (func.value.id, func.attr) if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+            keywords = {k.arg: k.value for k in node.keywords}
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            if name == ("torch", "load"):
+                value = keywords.get("weights_only")
+                if not (isinstance(value, ast.Constant) and value.value is True):
+                    violations.append(f"{where}: torch.load without weights_only=True")
+            elif name in UNSAFE_CALLS:
+                violations.append(f"{where}: {name[0]}.{name[1]}")
+            allow = keywords.get("allow_pickle")
+            if isinstance(allow, ast.Constant) and allow.value is True:
+                violations.append(f"{where}: allow_pickle=True")
+    assert not violations, "\n".join(violations)
+
+
+def test_resume_reads_every_file_without_unpickling_objects(photo_dir, tmp_path, monkeypatch):
+    """Accelerate's optimizer/scheduler/RNG files are read with weights_only=True too."""
+    out = tmp_path / "run"
+    run(photo_dir, out, **{"train.max_steps": 2, "train.use_ema": "true"})
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    run(photo_dir, out, resume="latest", **{"train.use_ema": "true"})
+    assert len(calls) >= 3 and all(c is True for c in calls), calls

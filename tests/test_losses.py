@@ -304,3 +304,34 @@ def test_build_perceptual_auto_switches_off_with_warning(empty_torch_home):
     assert module is None
     assert losses.VGG16_FILE in description
     assert any(str(where) in str(r.message) for r in record)
+
+
+def test_build_perceptual_true_loads_a_cached_vgg16_without_unpickling(empty_torch_home):
+    """The real path, offline: a cached VGG16 file (random stand-in weights here) becomes the
+    LPIPS backbone exactly, read with weights_only=True; nothing is downloaded."""
+    where, attempts = empty_torch_home
+    where.mkdir(parents=True)
+    torch.manual_seed(0)
+    from torchvision.models import vgg16
+
+    state = vgg16().state_dict()
+    torch.save(state, where / losses.VGG16_FILE)
+    module, description = build_perceptual("true")
+    assert attempts == [] and "cached" in description
+    assert torch.equal(module.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(dict(module.net.slice5.named_children())["28"].bias, state["features.28.bias"])
+    # Same distances as lpips' own loader given the same backbone.
+    reference = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    for block in (reference.net.slice1, reference.net.slice2, reference.net.slice3, reference.net.slice4, reference.net.slice5):
+        for index, layer in block.named_children():
+            for name, param in layer.named_parameters(recurse=False):
+                param.data.copy_(state[f"features.{index}.{name}"])
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(module(x, y), reference(x, y))
+
+    # A file holding pickled objects besides tensors is refused, not executed.
+    (where / losses.VGG16_FILE).unlink()
+    torch.save({"features.0.weight": torch.zeros(1), "evil": socket.socket}, where / losses.VGG16_FILE)
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        build_perceptual("true")
