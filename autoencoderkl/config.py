@@ -111,6 +111,7 @@ class OptimConfig:
     # both optimizers: constant (LDM) | constant_with_warmup | linear | cosine.
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0  # optimizer steps of linear warm-up from 0
+    fused: bool = True  # the fused (single-kernel) Adam on CUDA; ignored on CPU
 
 
 @dataclass
@@ -138,6 +139,13 @@ class TrainConfig:
     # metrics.jsonl); this many in a row stop the run with an error. fp16 runs leave
     # overflow handling to the GradScaler.
     max_consecutive_nonfinite: int = 5
+    # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
+    channels_last: bool = False  # NHWC for models and images: faster convolutions on CUDA tensor cores
+    compile: bool = False  # torch.compile the autoencoder, discriminator and LPIPS (slow first steps)
+    allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
+    # Recompute activations in the backward pass: less memory, ~30% more compute; for
+    # resolutions that do not fit otherwise.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -97,7 +97,10 @@ def _lpips_vgg(backbone: dict[str, Tensor] | None) -> lpips.LPIPS:
     Raises:
         KeyError, RuntimeError: if a file lacks a tensor LPIPS needs or has the wrong shape.
     """
-    module = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():
+        # lpips calls torchvision's deprecated `pretrained=` argument; noise for our users.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\..*")
+        module = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
     heads = torch.load(LPIPS_HEADS_FILE, map_location="cpu", weights_only=True)
     missing, unexpected = module.load_state_dict(heads, strict=False)
     missing = [k for k in missing if k[:3] == "lin" and k[3].isdigit()]  # ("lins.N" aliases linN)
@@ -292,7 +295,7 @@ class AutoencoderLoss(nn.Module):
         diff = x.detach() - x_hat
         rec_loss = diff.abs() if self.cfg.pixel_loss == "l1" else diff.pow(2)  # (B, 3, H, W)
         if self.perceptual is not None and self.perceptual_weight > 0:
-            p_loss = self.perceptual(x.detach().contiguous(), x_hat.contiguous()).float()  # (B, 1, 1, 1)
+            p_loss = self.perceptual(x.detach(), x_hat).float()  # (B, 1, 1, 1)
             rec_loss = rec_loss + self.perceptual_weight * p_loss
         else:
             p_loss = torch.zeros((), device=x.device)

@@ -40,13 +40,20 @@ RUN_ARTIFACTS = ("checkpoints", "vae", "pipeline", "samples", "logs", "metrics.j
 
 
 def build_accelerator(
-    output_dir: str | os.PathLike, mixed_precision: str, gradient_accumulation_steps: int
+    output_dir: str | os.PathLike,
+    mixed_precision: str,
+    gradient_accumulation_steps: int,
+    compile: bool = False,
 ) -> Accelerator:
     """The run's ``Accelerator``: TensorBoard under ``output_dir/logs``, schedulers stepped by hand.
 
     Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE``) on a machine without a
     GPU, accelerate only forms a multi-process (gloo) group when told ``cpu=True``;
     otherwise every process silently trains alone. We pass it, and check the result.
+
+    Args:
+        compile: ``torch.compile`` (inductor) every model ``prepare`` gets, after the DDP
+            wrap as PyTorch recommends; ``unwrap_model`` returns the eager module.
 
     Raises:
         RuntimeError: if the launcher started N > 1 processes but accelerate formed none.
@@ -60,6 +67,7 @@ def build_accelerator(
         # Our schedulers step once per optimizer step by hand: accelerate would step them
         # num_processes times, assuming a dataloader it had sharded (ours shards itself).
         step_scheduler_with_optimizer=False,
+        dynamo_backend="inductor" if compile else "no",
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
     )
     if world_size > 1 and accelerator.num_processes != world_size:

@@ -159,7 +159,8 @@ def main(
         FileNotFoundError, ValueError: bad data folder, checkpoint or config values.
         RuntimeError: ``loss.perceptual_pretrained=true`` and no VGG16 weights.
     """
-    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps)
+    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
+                                    compile=cfg.train.compile)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
     if not accelerator.is_main_process:
@@ -183,6 +184,8 @@ def main(
         vae = build_vae(cfg.model, cfg.data.resolution)
     if cfg.train.decoder_only:
         freeze_encoder(vae)
+    if cfg.train.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     discriminator = NLayerDiscriminator(3, cfg.loss.disc_ndf, cfg.loss.disc_num_layers)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         # Batch statistics over the global batch; torch's SyncBatchNorm has no CPU kernel.
@@ -194,13 +197,26 @@ def main(
         cfg.loss.perceptual_weight = 0.0  # the saved config records what was really used
         notes.append("loss.perceptual_weight was set to 0.0 for this run because the VGG16 weights are unavailable")
     loss_fn = AutoencoderLoss(cfg.loss, perceptual).to(accelerator.device)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    for module in (vae, discriminator, loss_fn):
+        module.to(memory_format=memory_format)
+    if cfg.train.compile:
+        # The adaptive weight differentiates nll_loss and g_loss separately with
+        # retain_graph=True, which compiled backward graphs allow only without donated
+        # buffers (the switch PyTorch's own error message names).
+        torch._functorch.config.donated_buffer = False
+        if loss_fn.perceptual is not None:
+            loss_fn.perceptual = torch.compile(loss_fn.perceptual)  # frozen: not prepared, so compiled here
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
     params_g = [p for p in vae.parameters() if p.requires_grad]
     if cfg.loss.learn_logvar:
         params_g.append(loss_fn.logvar)
     adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
-    opt_g = torch.optim.Adam(params_g, **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
+    fused = cfg.optim.fused and accelerator.device.type == "cuda"
+    opt_g = torch.optim.Adam(params_g, fused=fused, **adam)
+    opt_d = torch.optim.Adam(discriminator.parameters(), fused=fused, **adam)
     # Stepped by hand once per optimizer step; prepared only so save_state checkpoints them.
     schedule = dict(num_warmup_steps=cfg.optim.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
     sched_g = get_scheduler(cfg.optim.lr_scheduler, opt_g, **schedule)
@@ -296,7 +312,7 @@ def main(
     with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(vae_forward, discriminator):
-                images = next(batches).to(accelerator.device, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+                images = next(batches).to(accelerator.device, memory_format=memory_format, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
                 reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
                 posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
 
