@@ -83,8 +83,11 @@ class DataConfig:
     vae: Optional[str] = None
     # z = mean + std * eps, a fresh posterior draw per use (LDM); false trains on the mean.
     sample_posterior: bool = True
-    # latents = (z - shift_factor) * scaling_factor. null = the cache's values (1 / std of
-    # its latents, shift 0 as SD 1.x). Whatever is used is written into pipeline/vae.
+    # The U-Net sees latents = (z - shift_factor) * scaling_factor; both are written into
+    # pipeline/vae/config.json, which sampling divides out again.
+    # scaling_factor null: the cache's (1 / std of its latents, LDM sec. 4.3.2).
+    # shift_factor null: 0.0, as SD 1.x/2.x. (The cache's index.json records the latents'
+    # mean as its shift_factor; pass that for an SD3-style centred latent space.)
     scaling_factor: Optional[float] = None
     shift_factor: Optional[float] = None
     batch_size: int = 64  # per process

@@ -258,6 +258,17 @@ def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path):
     assert (straight / "samples" / "step-0000004.png").read_bytes() == (resumed / "samples" / "step-0000004.png").read_bytes()
 
 
+def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_path):
+    out = tmp_path / "bf16"
+    summary = run(cache, out, **{"train.mixed_precision": "bf16", "train.gradient_accumulation_steps": 2,
+                                 "train.max_steps": 2})
+    assert summary["global_step"] == 2  # optimizer steps, not micro-batches
+    assert all(p.dtype == torch.float32 for p in summary["unet"].parameters())
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+    assert all(p.dtype == torch.float32 for p in load_pipeline(out).unet.parameters())
+
+
 def test_cache_from_another_vae_is_refused(cache, tmp_path):
     tiny_vae(seed=1).save_pretrained(tmp_path / "other-vae")
     with pytest.raises(ValueError, match="sha256"):
