@@ -47,19 +47,25 @@ def measure(cases: dict[str, Callable[[], int]], repeats: int, warmup: Callable[
             allocator, caches); None: one untimed call of every case.
         warmup_calls: >= 0.
     Returns:
-        name -> ``{"items", "seconds": [per repeat], "median_s", "items_per_s"
-        (items / median_s), "items_per_s_min", "items_per_s_max"}``.
+        name -> ``{"items", "seconds": [wall, per repeat], "median_s", "items_per_s"
+        (items / median_s), "items_per_s_min", "items_per_s_max", "cpu_seconds":
+        [per repeat], "cpu_ms_per_item" (median)}``. CPU time is user + system of this
+        process and of its finished children (DataLoader workers): less sensitive than
+        wall time to other programs sharing the cores, though it counts OpenMP threads
+        spinning while they wait.
     """
     for _ in range(warmup_calls):
         for fn in [warmup] if warmup is not None else cases.values():
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     items: dict[str, int] = {}
     for _ in range(repeats):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             items[name] = fn()
             seconds[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu_seconds() - c0)
     out = {}
     for name, secs in seconds.items():
         median = statistics.median(secs)
@@ -70,8 +76,15 @@ def measure(cases: dict[str, Callable[[], int]], repeats: int, warmup: Callable[
             "items_per_s": items[name] / median,
             "items_per_s_min": items[name] / max(secs),
             "items_per_s_max": items[name] / min(secs),
+            "cpu_seconds": [round(c, 3) for c in cpu[name]],
+            "cpu_ms_per_item": 1000 * statistics.median(cpu[name]) / items[name],
         }
     return out
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def environment(device: str, dtype: str, threads: int) -> dict[str, Any]:
@@ -108,7 +121,7 @@ def environment(device: str, dtype: str, threads: int) -> dict[str, Any]:
 
 def rate(result: dict[str, Any]) -> str:
     return (f"{result['items_per_s']:8.2f} img/s  (median of {len(result['seconds'])}; "
-            f"{result['items_per_s_min']:.2f}-{result['items_per_s_max']:.2f})")
+            f"{result['items_per_s_min']:.2f}-{result['items_per_s_max']:.2f}), {result['cpu_ms_per_item']:.0f} CPU-ms/img")
 
 
 # --------------------------------------------------------------------------- --what encode
@@ -191,7 +204,7 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
           f"latents stored as {args.dtype}:")
     print(f"  end to end (files -> workers -> VAE -> shards)  {rate(results['end_to_end'])}")
     print(f"  pure vae.encode on in-memory tensors            {rate(results['pure_encode'])}")
-    print(f"  end to end / pure = {ratio:.3f}")
+    print(f"  end to end / pure = {ratio:.3f}; load average {os.getloadavg()[0]:.2f} (other programs on these cores skew it)")
     return {
         "environment": environment(str(accelerator.device), "fp32", threads),
         "settings": {"vae": vae_path if args.vae else "random, configs/autoencoderkl/demo.yaml shape", "data": args.data,
