@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample images from a trained LatentDiffusionPipeline into PNG files and a grid.
 
-  python scripts/sample_ldm.py --model runs/ldm-demo/pipeline --num-images 16 --out runs/samples-demo
+  python scripts/sample_ldm.py --model runs/ldm-demo/pipeline --num-images 16 --guidance-scale 2 --out runs/samples-demo
   python scripts/sample_ldm.py --model runs/my-ldm/pipeline --num-images 10000 --scheduler dpm --steps 25 \\
       --class-label 3 --guidance-scale 2 --batch-size 250 --out fid/ldm
 
@@ -38,7 +38,7 @@ def parse_args(argv=None):
                              "pipeline's scheduler config (default ddim)")
     parser.add_argument("--class-label", type=class_label, default="cycle", metavar="K|cycle|none",
                         help="class K for every image; cycle: image i gets class i %% K (default); none: "
-                             "unconditional (the null class). Ignored by unconditional models unless K is given")
+                             "unconditional (the null class). An unconditional model takes only cycle or none")
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance scale (1 = off, default; try 1.5-4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
