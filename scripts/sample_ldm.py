@@ -6,8 +6,9 @@
       --class-label 3 --guidance-scale 2 --batch-size 250 --out fid/ldm
 
 Writes OUT/000000.png ... (one per image), OUT/grid.png (the first 64) and
-OUT/sampling.json (the settings). The same --seed gives the same images, whatever
---batch-size; image i of seed S draws its noise from its own generator seeded (S, i).
+OUT/sampling.json (the settings). Image i of seed S draws its noise from its own
+generator seeded (S, i): the same --seed gives the same files (with another
+--batch-size, the same images up to float rounding).
 """
 
 import argparse
