@@ -25,6 +25,9 @@ from latent_diffusion.train import diffusion_loss, main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# diffusers' DPM-Solver and Euler schedulers build sigmas with np.array(tensor, copy=False).
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
 # A two-level U-Net of ~0.2M parameters for (4, 8, 8) latents.
 TINY_UNET = {
     "model.block_out_channels": "[16,32]",
