@@ -94,6 +94,9 @@ class DataConfig:
     # quarter-turn, and a random order of the R, G, B planes.
     rotate: bool = False
     permute_channels: bool = False
+    # Colour jitter of strength s in [0, 1): brightness, contrast and saturation x U(1-s, 1+s),
+    # hue shifted by U(-s/2, s/2) of a turn (torchvision's ColorJitter operations).
+    color_jitter: float = 0.0
 
 
 @dataclass
@@ -192,6 +195,9 @@ def _config_error(exc: OmegaConfBaseException, schema: Any, where: str) -> Value
     return ValueError(f"bad value for config key '{key}' ({where}): {msg}\nvalid keys:\n  " + "\n  ".join(keys))
 
 
+_YAML_BOOL_SPELLINGS = {"False": ("false", "no", "off", "n"), "True": ("true", "yes", "on", "y")}
+
+
 def merge_config(
     schema: type[T],
     yaml_path: str | os.PathLike | None = None,
@@ -237,8 +243,12 @@ def merge_config(
     for key, allowed in (choices or {}).items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if str(value).lower() in allowed:  # YAML's `true` arrives as "True"
-            value = str(value).lower()
+        # YAML 1.1 reads an unquoted no/off/false (yes/on/true) as a boolean, which a str
+        # field receives as "False" ("True"): map it back to the spelling that is allowed.
+        spellings = _YAML_BOOL_SPELLINGS.get(str(value), (str(value).lower(),))
+        allowed_spelling = next((v for v in spellings if v in allowed), None)
+        if allowed_spelling is not None:
+            value = allowed_spelling
             setattr(getattr(cfg, section), name, value)
         if value not in allowed:
             raise ValueError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")

@@ -316,6 +316,7 @@ class ImageFolder(torch.utils.data.Dataset):
         cache_images: bool = False,
         rotate: bool = False,
         permute_channels: bool = False,
+        color_jitter: float = 0.0,
     ) -> None:
         resize = resolution if resize is None else resize
         if resolution < 1:
@@ -337,6 +338,9 @@ class ImageFolder(torch.utils.data.Dataset):
         self.grid = grid
         self.rotate = rotate
         self.permute_channels = permute_channels
+        if not 0.0 <= color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+        self.color_jitter = color_jitter
         self._cache: dict[int, Image.Image] | None = {} if cache_images else None
         self.skipped: list[tuple[Path, str]] = []
         self.paths: list[Path] = []
@@ -370,8 +374,8 @@ class ImageFolder(torch.utils.data.Dataset):
         """Number of samples: images (train) or images * grid**2 (evaluation)."""
         return len(self.paths) if self.train else len(self.paths) * self.grid**2
 
-    def _crop_box(self, h: int, w: int, image_index: int, crop: int, draw: int) -> tuple[int, int, bool, int, int]:
-        """(top, left, flip, quarter turns, channel order) of the crop for an (h, w) image."""
+    def _crop_box(self, h: int, w: int, image_index: int, crop: int, draw: int) -> tuple[int, int, bool, int, int, tuple]:
+        """(top, left, flip, quarter turns, channel order, colour factors) of the crop."""
         r = self.resolution
         if self.train:
             rng = np.random.default_rng([self.seed, draw, image_index])
@@ -381,12 +385,15 @@ class ImageFolder(torch.utils.data.Dataset):
             # Drawn after the crop and flip, so switching these on leaves those unchanged.
             turns = int(rng.integers(0, 4)) if self.rotate else 0
             order = int(rng.integers(0, 6)) if self.permute_channels else 0
-            return top, left, flip, turns, order
+            s = self.color_jitter
+            # brightness, contrast, saturation factors in [1 - s, 1 + s]; hue shift in [-s/2, s/2] turns
+            colour = tuple(rng.uniform(1 - s, 1 + s, 3)) + (float(rng.uniform(-s / 2, s / 2)),) if s else ()
+            return top, left, flip, turns, order, colour
         g = self.grid
         row, col = divmod(crop, g)
         if g == 1:  # the centre, rounded as torchvision's center_crop
-            return int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), False, 0, 0
-        return int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))), False, 0, 0
+            return int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), False, 0, 0, ()
+        return int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))), False, 0, 0, ()
 
     def _resized(self, image_index: int) -> Image.Image:
         """The decoded image with its shorter side resized to ``resize`` (cached if asked)."""
@@ -403,10 +410,14 @@ class ImageFolder(torch.utils.data.Dataset):
     def _sample(self, image_index: int, crop: int, draw: int) -> torch.Tensor:
         img = self._resized(image_index)
         w, h = img.size
-        top, left, flip, turns, order = self._crop_box(h, w, image_index, crop, draw)
+        top, left, flip, turns, order, colour = self._crop_box(h, w, image_index, crop, draw)
         img = TF.crop(img, top, left, self.resolution, self.resolution)
         if flip:
             img = TF.hflip(img)
+        if colour:  # torchvision's ColorJitter operations, in its fixed order
+            brightness, contrast, saturation, hue = colour
+            img = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+                img, brightness), contrast), saturation), hue)
         x = to_tensor(img)  # (3, resolution, resolution) float32 in [-1, 1]
         if turns:
             x = torch.rot90(x, turns, dims=(1, 2))

@@ -194,15 +194,28 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ema: Any = None) -> dict[str, Any]:
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, ema: Any = None, model_config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns ``state.json`` as a dict.
 
+    Args:
+        model_config: this run's model section (as saved under ``state["model"]`` by
+            ``save_checkpoint`` callers); checked against the checkpoint's before any
+            weight is loaded, so a mismatch reads as a config error, not a tensor-shape one.
     Raises:
+        ValueError: if the checkpoint was written by a run with another model config.
         FileNotFoundError: if ``ema`` is given but the checkpoint has no EMA weights
             (it was written by a run without ``train.use_ema``).
     """
-    accelerator.load_state(str(path))
     state = json.loads((path / STATE_FILE).read_text())
+    saved = state.get("model")
+    if model_config is not None and saved is not None and saved != model_config:
+        diff = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs this run {model_config.get(k)!r}"
+                         for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k))
+        raise ValueError(f"{path} was written by a run with another model config ({diff}); resume with "
+                         f"that run's config (its config.yaml), or start a new output dir")
+    accelerator.load_state(str(path))
     if ema is not None:
         if not (path / EMA_FILE).is_file() or "ema" not in state:
             raise FileNotFoundError(f"{path} holds no EMA weights ({EMA_FILE}); it was written without train.use_ema")

@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
@@ -227,7 +228,7 @@ def main(
     train_paths, val_paths = split_paths(cfg)
     train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
                             cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
-                            permute_channels=cfg.data.permute_channels)
+                            permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
     val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
     val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
     logger.info(
@@ -246,9 +247,12 @@ def main(
         ema.to(accelerator.device)
 
     # ---- resume -------------------------------------------------------------------
+    # What a checkpoint's weights depend on; a resume with anything else is refused.
+    checkpoint_model_config = {**OmegaConf.to_container(OmegaConf.structured(cfg.model)),
+                               "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers}
     global_step = 0
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, ema)
+        state = load_checkpoint(accelerator, resume_path, ema, model_config=checkpoint_model_config)
         global_step = state["global_step"]
         with torch.no_grad():
             loss_fn.logvar.fill_(state["logvar"])
@@ -287,6 +291,10 @@ def main(
         accelerator.log(metrics, step=step)
         save_grid(val_images, recs, out / "samples" / f"step-{step:07d}.png")
         return metrics
+
+    def checkpoint_state() -> dict[str, Any]:
+        """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
+        return {"logvar": loss_fn.logvar.item(), "model": checkpoint_model_config}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
@@ -379,16 +387,14 @@ def main(
 
             checkpoint = None
             if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
-                checkpoint = save_checkpoint(
-                    accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
-                )
+                checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state(), ema,
+                                             cfg.train.checkpoints_total_limit)
                 logger.info("saved %s", checkpoint)
             signum = stop.requested(accelerator)
             if signum is not None:  # SIGTERM/SIGINT: checkpoint, then stop (the script exits 128 + signum)
                 if checkpoint is None:
-                    checkpoint = save_checkpoint(
-                        accelerator, out, global_step, {"logvar": loss_fn.logvar.item()}, ema, cfg.train.checkpoints_total_limit
-                    )
+                    checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state(), ema,
+                                                 cfg.train.checkpoints_total_limit)
                 progress.close()
                 accelerator.end_training()  # flush TensorBoard
                 raise stop_message(signum, global_step, checkpoint, resume_command())

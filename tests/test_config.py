@@ -102,3 +102,9 @@ def test_cli_dry_run_takes_overrides_before_and_after_flags():
     )
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 3" in proc.stdout and "batch_size: 5" in proc.stdout
+
+
+def test_unquoted_no_on_the_command_line_is_the_mixed_precision_choice():
+    """YAML 1.1 reads `no` as False; `train.mixed_precision=no` must still mean "no"."""
+    cfg = load_config(None, ["train.mixed_precision=no", "data.source=demo"])
+    assert cfg.train.mixed_precision == "no"

@@ -318,3 +318,18 @@ def test_rotate_and_permute_channels_transform_the_same_crop(folder):
         seen_turns.add(matches[0][0])
         seen_orders.add(matches[0][1])
     assert len(seen_turns) == 4 and len(seen_orders) == 6
+
+
+def test_color_jitter_is_keyed_keeps_the_crop_and_changes_only_colour(folder):
+    plain = ImageFolder(folder, resolution=16, resize=24, seed=3)
+    jittered = ImageFolder(folder, resolution=16, resize=24, seed=3, color_jitter=0.4)
+    x, y = plain[(1, 5)], jittered[(1, 5)]
+    assert torch.equal(y, ImageFolder(folder, resolution=16, resize=24, seed=3, color_jitter=0.4)[(1, 5)])
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
+    # Same crop and flip: the jittered luminance still follows the plain one, unlike
+    # another crop's (a control).
+    lum = lambda t: (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]).flatten()
+    corr = lambda a, b: torch.corrcoef(torch.stack([lum(a), lum(b)]))[0, 1].abs()
+    assert corr(x, y) > 0.6 > 0.3 > corr(plain[(1, 6)], y)
+    with pytest.raises(ValueError, match="color_jitter"):
+        ImageFolder(folder, resolution=16, color_jitter=1.0)

@@ -224,3 +224,12 @@ def test_resume_reads_every_file_without_unpickling_objects(photo_dir, tmp_path,
     GradientState._reset_state()
     run(photo_dir, out, resume="latest", **{"train.use_ema": "true"})
     assert len(calls) >= 3 and all(c is True for c in calls), calls
+
+
+def test_resume_with_another_model_config_is_refused_before_loading(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    run(photo_dir, out, **{"train.max_steps": 2})
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match=r"another model config \(model.block_out_channels: checkpoint \[8, 16\] vs this run \[8, 8\]\)"):
+        run(photo_dir, out, resume="latest", **{"model.block_out_channels": "[8,8]"})
