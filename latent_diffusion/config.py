@@ -135,6 +135,9 @@ class TrainConfig:
     ema_power: float = 0.75
     # Intra-op threads on CPU; null = this process's share of the cores.
     cpu_threads: Optional[int] = None
+    # NaN/inf gradients skip that optimizer step (nonfinite_skips in metrics.jsonl); this
+    # many in a row stop the run with an error. fp16 runs leave that to the GradScaler.
+    max_consecutive_nonfinite: int = 5
 
 
 @dataclass

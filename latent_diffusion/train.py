@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
@@ -38,13 +39,17 @@ from autoencoderkl.data import InfiniteSampler
 from autoencoderkl.model import load_vae
 from autoencoderkl.run import (
     MetricsLog,
+    NonFiniteGuard,
+    StopSignals,
     build_accelerator,
     load_checkpoint,
     prepare_output_dir,
     reduce_mean,
     resolve_resume,
+    resume_command,
     save_checkpoint,
     set_cpu_threads,
+    stop_message,
 )
 
 from .config import LDMConfig
@@ -314,9 +319,10 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                                        cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None)
 
     # ---- resume -------------------------------------------------------------------
+    checkpoint_model_config = OmegaConf.to_container(OmegaConf.structured(cfg.model))  # refused if it differs
     global_step = 0
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, ema)
+        state = load_checkpoint(accelerator, resume_path, ema, model_config=checkpoint_model_config)
         global_step = state["global_step"]
         trained = (state.get("scaling_factor"), state.get("shift_factor"))
         if trained != (scaling_factor, shift_factor):
@@ -358,6 +364,9 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         accelerator.log({"val/loss": val_loss}, step=step)
         return val_loss
 
+    # The scalars a checkpoint keeps beside Accelerate's state (state.json).
+    checkpoint_state = {"scaling_factor": scaling_factor, "shift_factor": shift_factor, "model": checkpoint_model_config}
+
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
         first_val = last_val = run_validation(0)
@@ -375,60 +384,76 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                     desc="train_ldm", unit="step", dynamic_ncols=True)
     loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None  # a tensor: no sync per step
     window_start, window_steps = time.perf_counter(), 0
-    while global_step < cfg.train.max_steps:
-        with accelerator.accumulate(unet):
-            batch = next(batches)
-            latents = batch["latents"].to(accelerator.device, non_blocking=True)  # (B, c, h, w) c_0
-            labels = None
-            if null_index is not None:
-                labels = drop_labels(batch["label"].to(accelerator.device), null_index, cfg.model.label_dropout)
-            with accelerator.autocast():
-                loss = diffusion_loss(unet, noise_scheduler, latents, labels, cfg.noise.snr_gamma)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-                grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / cfg.train.gradient_accumulation_steps
+    # fp16's GradScaler already skips overflowing steps, routinely while it calibrates.
+    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "U-Net") if cfg.train.mixed_precision != "fp16" else None
+    with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
+        while global_step < cfg.train.max_steps:
+            with accelerator.accumulate(unet):
+                batch = next(batches)
+                latents = batch["latents"].to(accelerator.device, non_blocking=True)  # (B, c, h, w) c_0
+                labels = None
+                if null_index is not None:
+                    labels = drop_labels(batch["label"].to(accelerator.device), null_index, cfg.model.label_dropout)
+                with accelerator.autocast():
+                    loss = diffusion_loss(unet, noise_scheduler, latents, labels, cfg.noise.snr_gamma)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm or math.inf)
+                    if guard is not None and not guard.check(grad_norm, global_step):
+                        optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without grads
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach() / cfg.train.gradient_accumulation_steps
 
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        window_steps += 1
-        lr_scheduler.step()
-        if ema is not None:
-            ema.step(unet_unwrapped.parameters())
-        progress.update(1)
-
-        if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            logs = {"loss": loss_sum.item() / window_steps}  # mean over the optimizer steps since the last line
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            logs = reduce_mean(accelerator, logs)
-            logs["latents_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
-            logs["lr"] = optimizer.param_groups[0]["lr"]
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            window_steps += 1
+            lr_scheduler.step()
             if ema is not None:
-                logs["ema_decay"] = ema.cur_decay_value
-            metrics_log.write(global_step, logs)
-            accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-            loss_sum.zero_()
-            window_start, window_steps = time.perf_counter(), 0
+                ema.step(unet_unwrapped.parameters())
+            progress.update(1)
 
-        if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
-            if accelerator.is_main_process:
-                last_val = run_validation(global_step)
-                progress.write(f"step {global_step}: validation loss {last_val:.4f}")
-            accelerator.wait_for_everyone()
+            if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = {"loss": loss_sum.item() / window_steps}  # mean over the optimizer steps since the last line
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                if guard is not None:
+                    logs["nonfinite_skips"] = guard.skipped
+                logs = reduce_mean(accelerator, logs)
+                logs["latents_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
+                logs["lr"] = optimizer.param_groups[0]["lr"]
+                if ema is not None:
+                    logs["ema_decay"] = ema.cur_decay_value
+                metrics_log.write(global_step, logs)
+                accelerator.log(logs, step=global_step)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+                loss_sum.zero_()
+                window_start, window_steps = time.perf_counter(), 0
 
-        if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
-            path = save_checkpoint(accelerator, out, global_step,
-                                   {"scaling_factor": scaling_factor, "shift_factor": shift_factor},
-                                   ema, cfg.train.checkpoints_total_limit)
-            logger.info("saved %s", path)
-        if window_steps == 0:  # keep validation and checkpoint time out of latents_per_sec
-            window_start = time.perf_counter()
+            if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
+                if accelerator.is_main_process:
+                    last_val = run_validation(global_step)
+                    progress.write(f"step {global_step}: validation loss {last_val:.4f}")
+                accelerator.wait_for_everyone()
+
+            checkpoint = None
+            if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
+                checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state, ema,
+                                             cfg.train.checkpoints_total_limit)
+                logger.info("saved %s", checkpoint)
+            signum = stop.requested(accelerator)
+            if signum is not None:  # SIGTERM/SIGINT: checkpoint, then stop (the script exits 128 + signum)
+                if checkpoint is None:
+                    checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state, ema,
+                                                 cfg.train.checkpoints_total_limit)
+                progress.close()
+                accelerator.end_training()  # flush TensorBoard
+                raise stop_message(signum, global_step, checkpoint, resume_command())
+            if window_steps == 0:  # keep validation and checkpoint time out of latents_per_sec
+                window_start = time.perf_counter()
     progress.close()
 
     # ---- export -------------------------------------------------------------------

@@ -59,10 +59,15 @@ def main(argv=None):
     output_dir = args.output_dir or str(Path("runs") / f"ldm-{Path(args.config).stem}")
     from latent_diffusion.train import main as train  # heavy imports only once the config is good
 
+    from autoencoderkl.run import TrainingStopped
+
     try:
         summary = train(cfg, output_dir, resume=args.resume, overwrite=args.overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    except TrainingStopped as exc:  # a signal (checkpoint written) or repeated NaN/inf gradients
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     if not summary["is_main_process"]:
         return
     first, last = summary["first_val_loss"], summary["last_val_loss"]

@@ -1,0 +1,153 @@
+"""Injected faults in stage-2 training: SIGTERM, SIGKILL mid-checkpoint, NaN losses."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+import latent_diffusion.train as ldm_train
+from autoencoderkl.run import TrainingStopped
+from conftest import write_photos
+from latent_diffusion.config import load_config
+from latent_diffusion.latents import encode_latents
+from test_ldm import overrides, tiny_vae
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reset_accelerate():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    reset_accelerate()
+    yield
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> dict:
+    """An unlabelled cache of 6 tiny photos at 16 px (a tiny VAE, f = 2)."""
+    root = tmp_path_factory.mktemp("faults-ldm")
+    write_photos(root / "photos", n=6)
+    tiny_vae().save_pretrained(root / "vae")
+    encode_latents(root / "vae", root / "photos", root / "latents", resolution=16, batch_size=4, num_workers=0)
+    reset_accelerate()
+    return {"latents": root / "latents", "vae": root / "vae"}
+
+
+def run(cache, out, resume=None, **extra):
+    return ldm_train.main(load_config(None, overrides(cache, **extra)), out, resume=resume)
+
+
+def unet_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def inject_into_loss(monkeypatch, fault):
+    """Wrap diffusion_loss; ``fault(i, loss)`` returns the loss training step i + 1 uses.
+
+    Calls from validation (U-Net in eval mode) pass through untouched and uncounted.
+    """
+    original, calls = ldm_train.diffusion_loss, []
+
+    def patched(unet, *args, **kwargs):
+        loss = original(unet, *args, **kwargs)
+        if not unet.training:
+            return loss
+        calls.append(None)
+        return fault(len(calls) - 1, loss)
+
+    monkeypatch.setattr(ldm_train, "diffusion_loss", patched)
+
+
+def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(cache, tmp_path, monkeypatch):
+    extra = {"train.max_steps": 5, "train.checkpointing_steps": 100, "train.validation_steps": 100}
+    straight = tmp_path / "straight"
+    run(cache, straight, **extra)
+    reset_accelerate()
+
+    def sigterm_in_step_3(i, loss):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    inject_into_loss(monkeypatch, sigterm_in_step_3)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM at step 3; .*--resume latest") as info:
+        run(cache, stopped, **extra)
+    assert info.value.exit_code == 143
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-0000003"]
+    monkeypatch.undo()
+    reset_accelerate()
+    assert run(cache, stopped, resume="latest", **extra)["global_step"] == 5
+    assert same(unet_weights(straight, 5), unet_weights(stopped, 5))
+
+
+def test_nan_once_is_skipped_and_nan_always_stops(cache, tmp_path, monkeypatch):
+    inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan if i == 1 else loss)
+    out = tmp_path / "once"
+    run(cache, out, **{"train.checkpointing_steps": 1, "train.checkpoints_total_limit": "null"})
+    assert same(unet_weights(out, 1), unet_weights(out, 2))  # step 2 changed nothing
+    assert not same(unet_weights(out, 2), unet_weights(out, 3))
+    assert all(torch.isfinite(t).all() for t in unet_weights(out, 4).values())
+    assert '"nonfinite_skips": 1' in (out / "metrics.jsonl").read_text()
+
+    monkeypatch.undo()
+    reset_accelerate()
+    inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan)
+    with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps of the U-Net had NaN/inf gradients"):
+        run(cache, tmp_path / "always", **{"train.max_consecutive_nonfinite": 2})
+
+
+# Runs scripts/train_ldm.py, SIGKILLing itself while writing the step-KILL_AT_CHECKPOINT
+# checkpoint (model weights on disk; optimizer state and state.json not yet).
+KILLING_DRIVER = """
+import os, runpy, signal, sys
+from accelerate import Accelerator
+kill_at = os.environ.get("KILL_AT_CHECKPOINT")
+save_state = Accelerator.save_state
+def dying_save_state(self, output_dir=None, **kwargs):
+    if kill_at and output_dir.endswith(f"step-{int(kill_at):07d}"):
+        self.save_model(self._models[0], output_dir)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_state(self, output_dir, **kwargs)
+Accelerator.save_state = dying_save_state
+sys.argv = ["train_ldm.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "scripts", "train_ldm.py"), run_name="__main__")
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_then_resume_matches(cache, tmp_path):
+    args = ["--config", str(REPO / "configs" / "latent_diffusion" / "demo.yaml"), "--latents", str(cache["latents"]),
+            *overrides(cache, **{"train.max_steps": 4, "train.validation_steps": 100})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "REPO": str(REPO)}
+
+    def cli(out, *more, kill=None):
+        return subprocess.run([sys.executable, "-c", KILLING_DRIVER, *args, "--output-dir", str(out), *more],
+                              env={**env, **({"KILL_AT_CHECKPOINT": str(kill)} if kill else {})},
+                              capture_output=True, text=True, timeout=300)
+
+    assert cli(tmp_path / "straight").returncode == 0
+    killed = tmp_path / "killed"
+    proc = cli(killed, kill=4)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == [".tmp-step-0000004", "step-0000002"]
+    proc = cli(killed, "--resume", "latest")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from " + str(killed / "checkpoints" / "step-0000002") in proc.stderr
+    assert same(unet_weights(tmp_path / "straight", 4), unet_weights(killed, 4))
