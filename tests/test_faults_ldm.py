@@ -151,3 +151,90 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_matches(cache, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from " + str(killed / "checkpoints" / "step-0000002") in proc.stderr
     assert same(unet_weights(tmp_path / "straight", 4), unet_weights(killed, 4))
+
+
+# Runs scripts/encode_latents.py, SIGKILLing itself half-way through writing the file of
+# shard KILL_AT_SHARD (the bytes so far land under the temporary name, as a real kill leaves).
+ENCODE_DRIVER = """
+import os, runpy, signal, sys
+import latent_diffusion.latents as latents
+kill_at = int(os.environ.get("KILL_AT_SHARD", "-1"))
+save_file = latents.save_file
+def dying_save_file(tensors, path, metadata=None):
+    if f"shard-{kill_at:05d}" in path:
+        save_file(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_file(tensors, path, metadata=metadata)
+latents.save_file = dying_save_file
+sys.argv = ["encode_latents.py"] + sys.argv[1:]
+runpy.run_path(os.path.join(os.environ["REPO"], "scripts", "encode_latents.py"), run_name="__main__")
+"""
+
+
+def test_sigkill_while_writing_a_shard_then_rerun_gives_the_same_cache(cache, tmp_path):
+    photos = Path(cache["vae"]).parent / "photos"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "REPO": str(REPO)}
+
+    def cli(out, kill=None):
+        args = ["--vae", str(cache["vae"]), "--data", str(photos), "--out", str(out), "--resolution", "16",
+                "--batch-size", "2", "--shard-size", "2", "--num-workers", "0"]
+        return subprocess.run([sys.executable, "-c", ENCODE_DRIVER, *args], capture_output=True, text=True,
+                              timeout=300, env={**env, **({"KILL_AT_SHARD": str(kill)} if kill is not None else {})})
+
+    assert cli(tmp_path / "straight").returncode == 0
+    out = tmp_path / "killed"
+    proc = cli(out, kill=1)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*shard-*")) == [".shard-00001.safetensors.tmp", "shard-00000.safetensors"]
+    first = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    proc = cli(out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first, "a finished shard was re-encoded"
+    assert not list(out.glob(".*.tmp"))
+    for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
+        want, got = load_file(tmp_path / "straight" / name), load_file(out / name)
+        assert same(want, got), name
+
+
+# --- Two processes (torchrun + gloo): identical weights on both ranks, exact resume ---
+
+LDM_DDP_DRIVER = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+from latent_diffusion.config import load_config
+from latent_diffusion.train import main
+from test_ldm import overrides
+
+out, latents, vae = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+resume = sys.argv[5] if len(sys.argv) > 5 else None
+cfg = load_config(None, overrides({"latents": latents, "vae": vae},
+                                  **{"train.max_steps": 4, "train.validation_steps": 100, "train.checkpointing_steps": 2}))
+summary = main(cfg, out, resume=resume)
+rank = int(os.environ["RANK"])  # end_training() has closed the process group
+save_file({k: v.detach().contiguous() for k, v in summary["unet"].state_dict().items()}, str(out / f"rank{rank}.safetensors"))
+"""
+
+
+def test_two_processes_agree_and_resume_exactly(cache, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(LDM_DDP_DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def torchrun(out, *resume):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+             str(driver), str(Path(__file__).parent), str(out), str(cache["latents"]), str(cache["vae"]), *resume],
+            capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "over 2 process(es)" in proc.stderr, "the ranks did not form one process group"
+        r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+        assert same(r0, r1), "the ranks' U-Nets differ"
+        return r0
+
+    straight = torchrun(tmp_path / "straight")
+    resumed = torchrun(tmp_path / "resumed", str(tmp_path / "straight" / "checkpoints" / "step-0000002"))
+    assert same(straight, resumed), "a 2-process resume from step 2 ended elsewhere than the straight run"
