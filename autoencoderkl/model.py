@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
+from .run import save_pretrained_atomic
 
 
 def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
@@ -370,9 +370,8 @@ def vae_weights_sha256(vae: nn.Module) -> str:
     Hashes, for every entry of ``vae.state_dict()`` in sorted key order, the key, the dtype,
     the shape and the raw bytes (little-endian, C order). A diffusers folder and an original
     single file of the same weights give the same hash once loaded (``load_vae`` gives
-    float32); any changed weight, an fp16 copy, or another architecture gives another. The
-    same fingerprint as ``latent_diffusion.latents.vae_weights_sha256``, so an evaluation
-    report and a latent cache can be matched to one model.
+    float32); any changed weight, an fp16 copy, or another architecture gives another.
+    Evaluation reports and latent caches both record it, so they can be matched to one model.
 
     Returns:
         64 lowercase hex digits.
@@ -451,16 +450,4 @@ def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike) -> Path:
     Returns:
         ``out_dir`` as a Path, loadable with ``AutoencoderKL.from_pretrained``.
     """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return save_pretrained_atomic(vae, out_dir)

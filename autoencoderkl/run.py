@@ -409,3 +409,28 @@ def resume_command() -> str:
             continue
         args.append(a)
     return "accelerate launch " + shlex.join(args)
+
+
+def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
+    """``model.save_pretrained`` (safetensors) into ``out_dir``, atomically.
+
+    For any diffusers model or pipeline. Writes ``out_dir.tmp`` and renames it into place,
+    so a reader never sees a half-written folder; an existing ``out_dir`` is replaced
+    (moved to ``out_dir.old`` first, then deleted).
+
+    Returns:
+        ``out_dir`` as a Path, loadable with the model's ``from_pretrained``.
+    """
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out

@@ -76,7 +76,7 @@ from autoencoderkl.data import (
     load_rgb,
     to_tensor,
 )
-from autoencoderkl.model import load_vae
+from autoencoderkl.model import load_vae, vae_weights_sha256  # re-exported: the cache's VAE fingerprint
 from autoencoderkl.run import build_accelerator, set_cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -95,28 +95,6 @@ _MAX_NAMED_WARNINGS = 20  # per process; the rest are only counted
 
 
 # --------------------------------------------------------------------------- VAE hash
-
-
-def vae_weights_sha256(vae: AutoencoderKL) -> str:
-    """SHA-256 of a VAE's weights, independent of the file format they came from.
-
-    Hashes, for every entry of ``vae.state_dict()`` in sorted key order, the key, the
-    dtype, the shape and the raw bytes (little-endian, C order). A diffusers folder and
-    a single-file checkpoint of the same weights give the same hash once loaded into the
-    same dtype; any changed weight, an fp16 copy, or another architecture gives another.
-
-    Args:
-        vae: any ``AutoencoderKL`` (any device; tensors are copied to the CPU to hash).
-    Returns:
-        64 lowercase hex digits.
-    """
-    digest = hashlib.sha256()
-    state = vae.state_dict()
-    for key in sorted(state):
-        t = state[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{str(t.dtype).removeprefix('torch.')}|{list(t.shape)}|".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _vae_config(vae: AutoencoderKL) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import shutil
 from pathlib import Path
 from typing import Optional, Union
 
@@ -27,6 +26,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNe
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+
+from autoencoderkl.run import save_pretrained_atomic
 
 from .model import null_class_index
 
@@ -175,19 +176,7 @@ def save_pipeline(pipeline: LatentDiffusionPipeline, out_dir: str | os.PathLike)
     Returns:
         ``out_dir`` as a Path, loadable with ``LatentDiffusionPipeline.from_pretrained``.
     """
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    return out
+    return save_pretrained_atomic(pipeline, out_dir)
 
 
 def load_pipeline(path: str | os.PathLike, device: str | torch.device | None = None) -> LatentDiffusionPipeline:

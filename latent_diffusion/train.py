@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import OmegaConf

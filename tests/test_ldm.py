@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import write_photos
-from latent_diffusion.config import ModelConfig, NoiseConfig, load_config
+from latent_diffusion.config import NoiseConfig, load_config
 from latent_diffusion.latents import encode_latents, load_index
 from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
 from latent_diffusion.pipeline import LatentDiffusionPipeline, load_pipeline, save_pipeline
