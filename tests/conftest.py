@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 # Keep each test process from oversubscribing the CI machine's two cores.
@@ -69,3 +70,16 @@ def tiny_overrides(photo_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def reset_accelerate_state() -> None:
+    """Forget the previous Accelerator's process-wide singletons (each run builds its own)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts without a previous test's Accelerator state."""
+    reset_accelerate_state()
+    yield

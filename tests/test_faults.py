@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from autoencoderkl.config import load_config
 from autoencoderkl.losses import AutoencoderLoss
 from autoencoderkl.run import TrainingStopped
 from autoencoderkl.train import main
-from conftest import tiny_overrides
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
+from conftest import reset_accelerate_state, tiny_overrides
 
 
 def run(photo_dir: Path, out: Path, resume=None, **overrides):
@@ -69,8 +61,7 @@ def test_sigterm_writes_a_checkpoint_then_stops_and_resume_matches_an_uninterrup
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
 
     monkeypatch.undo()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     summary = run(photo_dir, stopped, resume="latest", **extra)
     assert summary["global_step"] == 5
     want, got = weights(straight, 5), weights(stopped, 5)
@@ -220,8 +211,7 @@ def test_resume_reads_every_file_without_unpickling_objects(photo_dir, tmp_path,
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     run(photo_dir, out, resume="latest", **{"train.use_ema": "true"})
     assert len(calls) >= 3 and all(c is True for c in calls), calls
 
@@ -229,7 +219,6 @@ def test_resume_reads_every_file_without_unpickling_objects(photo_dir, tmp_path,
 def test_resume_with_another_model_config_is_refused_before_loading(photo_dir, tmp_path):
     out = tmp_path / "run"
     run(photo_dir, out, **{"train.max_steps": 2})
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     with pytest.raises(ValueError, match=r"another model config \(model.block_out_channels: checkpoint \[8, 16\] vs this run \[8, 8\]\)"):
         run(photo_dir, out, resume="latest", **{"model.block_out_channels": "[8,8]"})

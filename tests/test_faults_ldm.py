@@ -11,28 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import latent_diffusion.train as ldm_train
 from autoencoderkl.run import TrainingStopped
-from conftest import write_photos
+from conftest import reset_accelerate_state, write_photos
 from latent_diffusion.config import load_config
 from latent_diffusion.latents import encode_latents
 from test_ldm import overrides, tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def reset_accelerate():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +30,7 @@ def cache(tmp_path_factory) -> dict:
     write_photos(root / "photos", n=6)
     tiny_vae().save_pretrained(root / "vae")
     encode_latents(root / "vae", root / "photos", root / "latents", resolution=16, batch_size=4, num_workers=0)
-    reset_accelerate()
+    reset_accelerate_state()
     return {"latents": root / "latents", "vae": root / "vae"}
 
 
@@ -79,7 +67,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(cache, tmp_
     extra = {"train.max_steps": 5, "train.checkpointing_steps": 100, "train.validation_steps": 100}
     straight = tmp_path / "straight"
     run(cache, straight, **extra)
-    reset_accelerate()
+    reset_accelerate_state()
 
     def sigterm_in_step_3(i, loss):
         if i == 2:
@@ -93,7 +81,7 @@ def test_sigterm_checkpoints_and_resume_matches_an_uninterrupted_run(cache, tmp_
     assert info.value.exit_code == 143
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == ["step-0000003"]
     monkeypatch.undo()
-    reset_accelerate()
+    reset_accelerate_state()
     assert run(cache, stopped, resume="latest", **extra)["global_step"] == 5
     assert same(unet_weights(straight, 5), unet_weights(stopped, 5))
 
@@ -108,7 +96,7 @@ def test_nan_once_is_skipped_and_nan_always_stops(cache, tmp_path, monkeypatch):
     assert '"nonfinite_skips": 1' in (out / "metrics.jsonl").read_text()
 
     monkeypatch.undo()
-    reset_accelerate()
+    reset_accelerate_state()
     inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan)
     with pytest.raises(TrainingStopped, match="2 consecutive optimizer steps of the U-Net had NaN/inf gradients"):
         run(cache, tmp_path / "always", **{"train.max_consecutive_nonfinite": 2})

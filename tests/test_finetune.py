@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 
 from autoencoderkl.config import load_config
 from autoencoderkl.model import load_vae, save_original_checkpoint
 from autoencoderkl.train import main
 from conftest import tiny_overrides
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
 
 
 def test_decoder_only_finetuning_from_an_sd_single_file_keeps_the_encoder_bit_identical(photo_dir, tmp_path):

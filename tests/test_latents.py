@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
@@ -31,14 +30,6 @@ from latent_diffusion.latents import (
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixels; the tiny VAE downsamples 2x -> (4, 8, 8) latents
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each encode builds its own Accelerator; forget the previous one's singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL, DDIMScheduler
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import write_photos
+from conftest import reset_accelerate_state, write_photos
 from latent_diffusion.config import NoiseConfig, load_config
 from latent_diffusion.latents import encode_latents, load_index
 from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
@@ -47,14 +46,6 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          latent_channels=4, sample_size=16).eval()
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the previous one's singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> dict:
     """A labelled cache: 3 class folders x 3 photos, encoded at 16 px by a tiny VAE."""
@@ -63,7 +54,7 @@ def cache(tmp_path_factory) -> dict:
         write_photos(root / "photos" / f"class{c}", n=3, seed=c)
     tiny_vae().save_pretrained(root / "vae")
     encode_latents(root / "vae", root / "photos", root / "latents", resolution=16, batch_size=4, num_workers=0)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     return {"root": root, "latents": root / "latents", "vae": root / "vae", "index": load_index(root / "latents")}
 
 
@@ -99,8 +90,7 @@ def read_metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory) -> dict:
     """A 40-step run on the labelled cache (shared by the tests that read its outputs)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     out = tmp_path_factory.mktemp("trained") / "run"
     summary = run(cache, out, **{"train.max_steps": 40, "train.validation_steps": 20, "train.checkpointing_steps": 20,
                                  "train.log_steps": 5})
@@ -244,7 +234,7 @@ def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path):
     run(cache, straight)
     resumed = tmp_path / "resumed"
     run(cache, resumed, **{"train.max_steps": 2})
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     summary = run(cache, resumed, resume="latest")
     assert summary["global_step"] == 4 and summary["first_val_loss"] is None  # no step-0 validation on resume
 

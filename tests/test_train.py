@@ -11,23 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from autoencoderkl.config import load_config
 from autoencoderkl.train import main
-from conftest import tiny_overrides
+from conftest import reset_accelerate_state, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the previous one's singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
 
 
 def run(photo_dir: Path, out: Path, resume=None, **overrides):
@@ -106,7 +97,7 @@ def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(photo_dir, tm
 def test_existing_run_is_refused_without_resume_or_overwrite(photo_dir, tmp_path):
     out = tmp_path / "run"
     run(photo_dir, out, **{"train.max_steps": 1})
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()
     with pytest.raises(FileExistsError, match="--resume latest.*--overwrite"):
         run(photo_dir, out, **{"train.max_steps": 1})
 
@@ -169,8 +160,7 @@ def test_channels_last_and_gradient_checkpointing_train_the_same_model(photo_dir
     """The speed switches change memory layout and recomputation, not the maths."""
     steps = {"train.max_steps": 2, "train.validation_steps": 100, "train.checkpointing_steps": 100}
     plain = run(photo_dir, tmp_path / "plain", **steps)["vae"]
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     fast = run(photo_dir, tmp_path / "fast", **steps, **{"train.channels_last": "true",
                                                           "train.gradient_checkpointing": "true"})["vae"]
     assert fast.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
