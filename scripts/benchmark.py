@@ -87,6 +87,11 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def load_average() -> float | None:
+    """1-minute load average: runnable processes, ours included (about 1 per busy core we use)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def environment(device: str, dtype: str, threads: int) -> dict[str, Any]:
     """Device, dtype, threads, versions and load: what a figure depends on."""
     import accelerate
@@ -197,6 +202,7 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for _ in range(2):
             encode_batch(vae, batch, args.hflip)
 
+    load_before = load_average()
     results = measure({"end_to_end": end_to_end, "pure_encode": pure_encode}, args.repeats, warmup, args.warmup)
     ratio = results["end_to_end"]["items_per_s"] / results["pure_encode"]["items_per_s"]
     print(f"encode {n} images at {args.resolution}x{args.resolution}{' + mirrors' if args.hflip else ''}, batch "
@@ -204,9 +210,10 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
           f"latents stored as {args.dtype}:")
     print(f"  end to end (files -> workers -> VAE -> shards)  {rate(results['end_to_end'])}")
     print(f"  pure vae.encode on in-memory tensors            {rate(results['pure_encode'])}")
-    print(f"  end to end / pure = {ratio:.3f}; load average {os.getloadavg()[0]:.2f} (other programs on these cores skew it)")
+    print(f"  end to end / pure = {ratio:.3f}; 1-min load average {load_before} before, {load_average()} after "
+          f"(other programs on these cores skew both)")
     return {
-        "environment": environment(str(accelerator.device), "fp32", threads),
+        "environment": {**environment(str(accelerator.device), "fp32", threads), "load_average_before": load_before},
         "settings": {"vae": vae_path if args.vae else "random, configs/autoencoderkl/demo.yaml shape", "data": args.data,
                      "num_images": n, "resolution": args.resolution, "hflip": args.hflip, "batch_size": args.batch_size,
                      "latent_dtype": args.dtype, "num_workers": args.num_workers, "shard_size": args.shard_size,
