@@ -334,7 +334,16 @@ class StopSignals:
 
 
 def stop_message(signum: int, global_step: int, checkpoint: Path, resume_hint: str) -> TrainingStopped:
-    """The exception a signalled run raises after its checkpoint is written."""
+    """The exception a signalled run raises after its checkpoint is written.
+
+    Args:
+        signum: the signal received (``signal.SIGTERM`` or ``signal.SIGINT``).
+        global_step: optimizer steps done, i.e. the step of ``checkpoint``.
+        checkpoint: the ``checkpoints/step-NNNNNNN`` folder just written.
+        resume_hint: the command to rerun (``resume_command()``); ``--resume latest`` is appended.
+    Returns:
+        ``TrainingStopped`` with ``exit_code`` 128 + ``signum`` (143 for SIGTERM, 130 for SIGINT).
+    """
     name = signal.Signals(signum).name
     return TrainingStopped(
         f"stopped by {name} at step {global_step}; checkpoint saved to {checkpoint}. "
@@ -420,6 +429,8 @@ def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
 
     Returns:
         ``out_dir`` as a Path, loadable with the model's ``from_pretrained``.
+    Raises:
+        OSError: if the folder cannot be written; ``out_dir`` is then left as it was.
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
