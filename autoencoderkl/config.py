@@ -67,6 +67,11 @@ class LossConfig:
     disc_loss: str = "hinge"  # hinge | vanilla (non-saturating softplus)
     disc_num_layers: int = 3  # PatchGAN depth (70x70 receptive field at 3)
     disc_ndf: int = 64  # PatchGAN width of the first layer
+    # Once the GAN is on: backpropagate LPIPS and the discriminator once per step, sharing
+    # their gradients at the reconstruction between the adaptive weight and the update
+    # (same gradients, one LPIPS and one PatchGAN backward fewer than LDM's three passes).
+    # fp16 runs use LDM's way (the shared gradients would be taken before loss scaling).
+    shared_backward: bool = True
 
 
 @dataclass

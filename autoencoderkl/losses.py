@@ -249,9 +249,48 @@ class AutoencoderLoss(nn.Module):
         # retain_graph: the same graph is backpropagated afterwards through `loss`.
         nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        return self._adaptive_weight(nll_grads, g_grads)
+
+    def _adaptive_weight(self, nll_grads: Tensor, g_grads: Tensor) -> Tensor:
+        """``clamp(||nll_grads|| / (||g_grads|| + 1e-4), 0, 1e4) * disc_weight``, detached, float32."""
         d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
-        d_weight = torch.clamp(d_weight, 0.0, 1e4).detach()
-        return d_weight * self.cfg.disc_weight
+        return torch.clamp(d_weight, 0.0, 1e4).detach() * self.cfg.disc_weight
+
+    def _shared_backward_loss(
+        self, reconstructions: Tensor, nll_loss: Tensor, kl_loss: Tensor, g_loss: Tensor,
+        last_layer: Tensor, disc_factor: float,
+    ) -> tuple[Tensor, Tensor]:
+        """The GAN-on generator loss, backpropagating LPIPS and the discriminator only once.
+
+        LDM differentiates ``nll_loss`` and ``g_loss`` down to the decoder's last layer for
+        the adaptive weight and then once more inside ``loss.backward()``: three passes
+        through LPIPS and the PatchGAN. Here each is backpropagated once, to the
+        reconstruction x_hat; those gradients give the last-layer gradients (one conv's
+        weight gradient each) and, combined, the gradient the update sends into the
+        decoder: ``dL/dx_hat = dnll/dx_hat + d_weight * disc_factor * dg/dx_hat``.
+
+        Args:
+            reconstructions: (B, 3, H, W) decoder output, with its graph.
+            nll_loss, kl_loss, g_loss: () float32 scalars with graphs (nll through
+                x_hat and, when learned, the logvar; g through x_hat).
+            last_layer: ``vae.decoder.conv_out.weight``, whose output is x_hat.
+        Returns:
+            ``(loss, d_weight)``: ``loss`` has the value nll + kl_weight * kl + d_weight *
+            disc_factor * g and the same gradients as LDM's loss; d_weight is detached.
+        """
+        logvar = [self.logvar] if self.logvar.requires_grad else []
+        nll_grad, *logvar_grad = torch.autograd.grad(nll_loss, [reconstructions, *logvar])  # frees LPIPS' graph
+        g_grad = torch.autograd.grad(g_loss, reconstructions)[0]  # frees the discriminator's graph
+        # Only the last conv's weight-gradient node runs; the decoder graph is kept for the update.
+        nll_last = torch.autograd.grad(reconstructions, last_layer, nll_grad, retain_graph=True)[0]
+        g_last = torch.autograd.grad(reconstructions, last_layer, g_grad, retain_graph=True)[0]
+        d_weight = self._adaptive_weight(nll_last, g_last)
+        rec_grad = (nll_grad.float() + (d_weight * disc_factor) * g_grad.float()).detach()
+        surrogate = (reconstructions.float() * rec_grad).sum() + self.cfg.kl_weight * kl_loss
+        if logvar:
+            surrogate = surrogate + self.logvar.float() * logvar_grad[0].detach()
+        value = (nll_loss + self.cfg.kl_weight * kl_loss + d_weight * disc_factor * g_loss).detach()
+        return surrogate - surrogate.detach() + value, d_weight  # value of the loss, gradient of the surrogate
 
     def generator_loss(
         self,
@@ -261,6 +300,7 @@ class AutoencoderLoss(nn.Module):
         global_step: int,
         last_layer: nn.Parameter | None,
         discriminator: nn.Module | None,
+        shared_backward: bool = False,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's loss (LDM ``LPIPSWithDiscriminator.forward``, optimizer_idx 0).
 
@@ -277,6 +317,11 @@ class AutoencoderLoss(nn.Module):
             discriminator: the unwrapped PatchGAN (its parameters get no gradient from this
                 loss: they are frozen during its forward and restored afterwards), or
                 ``None`` for no GAN term. Not called at all before ``disc_start``.
+            shared_backward: with the GAN on and gradients enabled, backpropagate LPIPS
+                and the discriminator to the reconstruction here, once, and return a loss
+                whose backward reuses those gradients (``_shared_backward_loss``): same
+                value and gradients, fewer FLOPs. Not for fp16 autocast (the shared
+                gradients are taken before the GradScaler scales the loss).
         Returns:
             ``(loss, logs)``: ``loss`` a () float32 scalar to backpropagate; ``logs`` python
             floats ``loss``, ``nll_loss`` (sum over pixels, mean over batch), ``rec_loss``
@@ -321,15 +366,19 @@ class AutoencoderLoss(nn.Module):
                 for p, flag in zip(params, flags):
                     p.requires_grad_(flag)
             g_loss = -torch.mean(logits_fake.float())
-            if torch.is_grad_enabled():
+            disc_factor = float(self.cfg.disc_factor)
+            if torch.is_grad_enabled() and shared_backward:
+                loss, d_weight = self._shared_backward_loss(reconstructions, nll_loss, kl_loss, g_loss,
+                                                            last_layer, disc_factor)
+            elif torch.is_grad_enabled():
                 d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer)
             else:  # evaluation under no_grad: no gradients to balance, as LDM outside training
                 d_weight = zero
-            disc_factor = float(self.cfg.disc_factor)
         else:
             g_loss, d_weight, disc_factor = zero, zero, 0.0
 
-        loss = nll_loss + self.cfg.kl_weight * kl_loss + d_weight * disc_factor * g_loss
+        if not (use_gan and torch.is_grad_enabled() and shared_backward):
+            loss = nll_loss + self.cfg.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         values = torch.stack([loss, nll_loss, rec_loss.mean(), p_loss.mean(), kl_loss,
                               g_loss, d_weight, logvar]).detach().tolist()  # one device sync
         logs = dict(zip(("loss", "nll_loss", "rec_loss", "p_loss", "kl_loss", "g_loss", "d_weight", "logvar"),

@@ -317,6 +317,9 @@ def main(
     guarded = cfg.train.mixed_precision != "fp16"
     guard_g = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "autoencoder") if guarded else None
     guard_d = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "discriminator") if guarded else None
+    # One LPIPS and one PatchGAN backward per step once the GAN is on (not under fp16: the
+    # shared gradients would be taken before the GradScaler scales the loss).
+    shared_backward = cfg.loss.shared_backward and cfg.train.mixed_precision != "fp16"
     with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(vae_forward, discriminator):
@@ -328,7 +331,7 @@ def main(
                 # reconstruction without collecting gradients of its own.
                 with accelerator.autocast():
                     loss_g, logs = loss_fn.generator_loss(
-                        images, reconstructions, posterior, global_step, last_layer, disc_unwrapped
+                        images, reconstructions, posterior, global_step, last_layer, disc_unwrapped, shared_backward
                     )
                 accelerator.backward(loss_g)
                 if accelerator.sync_gradients:

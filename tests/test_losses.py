@@ -335,3 +335,42 @@ def test_build_perceptual_true_loads_a_cached_vgg16_without_unpickling(empty_tor
     torch.save({"features.0.weight": torch.zeros(1), "evil": socket.socket}, where / losses.VGG16_FILE)
     with pytest.raises(RuntimeError, match="could not be loaded"):
         build_perceptual("true")
+
+
+# --- shared backward -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learn_logvar", [False, True])
+def test_shared_backward_gives_ldm_gradients_with_fewer_flops(random_lpips, learn_logvar):
+    """One LPIPS + PatchGAN backward gives LDM's gradients, loss value and adaptive weight."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = LossConfig(disc_start=0, kl_weight=1e-3, learn_logvar=learn_logvar, logvar_init=0.3)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
+    d = NLayerDiscriminator(ndf=8, n_layers=2)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    eps = torch.randn(2, 4, 16, 16)
+    results = {}
+    for shared in (False, True):
+        loss_fn = AutoencoderLoss(cfg, random_lpips)
+        vae.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as flops:
+            posterior = vae.encode(x).latent_dist
+            x_hat = vae.decode(posterior.mean + posterior.std * eps).sample
+            loss, logs = loss_fn.generator_loss(x, x_hat, posterior, 0, vae.decoder.conv_out.weight, d, shared)
+            loss.backward()
+        grads = [p.grad.clone() for p in vae.parameters()]
+        results[shared] = (loss.item(), logs, grads, loss_fn.logvar.grad, flops.get_total_flops())
+    (loss0, logs0, grads0, lv0, flops0), (loss1, logs1, grads1, lv1, flops1) = results[False], results[True]
+    assert logs1["d_weight"] == pytest.approx(logs0["d_weight"], rel=1e-5) and logs1["d_weight"] > 0
+    assert loss1 == pytest.approx(loss0, rel=1e-6) and logs1["loss"] == pytest.approx(logs0["loss"], rel=1e-6)
+    scale = max(g.abs().max().item() for g in grads0)
+    for g0, g1 in zip(grads0, grads1):  # equal up to fp32 summation order
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-5 * scale)
+    if learn_logvar:
+        torch.testing.assert_close(lv1, lv0)
+    else:
+        assert lv0 is None and lv1 is None
+    assert all(p.grad is None for p in d.parameters())
+    assert flops1 < 0.85 * flops0  # one LPIPS and one PatchGAN backward fewer
