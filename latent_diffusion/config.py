@@ -109,6 +109,7 @@ class OptimConfig:
     # constant | constant_with_warmup | linear | cosine.
     lr_scheduler: str = "constant_with_warmup"
     lr_warmup_steps: int = 500  # optimizer steps of linear warm-up from 0
+    fused: bool = True  # the fused (single-kernel) AdamW on CUDA; ignored on CPU
 
 
 @dataclass
@@ -138,6 +139,10 @@ class TrainConfig:
     # NaN/inf gradients skip that optimizer step (nonfinite_skips in metrics.jsonl); this
     # many in a row stop the run with an error. fp16 runs leave that to the GradScaler.
     max_consecutive_nonfinite: int = 5
+    # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
+    channels_last: bool = False  # NHWC U-Net and latents: faster convolutions on CUDA tensor cores
+    compile: bool = False  # torch.compile the U-Net for training (slow first steps)
+    allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
 
 
 @dataclass

@@ -113,8 +113,8 @@ def diffusion_loss(
         then averaged over the batch.
     """
     b = latents.shape[0]
-    if noise is None:
-        noise = torch.randn_like(latents)
+    if noise is None:  # not randn_like: its values would follow the memory layout (channels_last)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if timesteps is None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, c, h, w)
@@ -263,7 +263,8 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     """
     if not cfg.data.latents:
         raise ValueError("no latent cache: give --latents DIR (made by scripts/encode_latents.py) or data.latents=DIR")
-    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps)
+    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
+                                    compile=cfg.train.compile)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     if not accelerator.is_main_process:
@@ -298,8 +299,13 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     unet = build_unet(cfg.model, tuple(dataset.latent_shape), num_classes)
     null_index = null_class_index(unet)
     noise_scheduler = build_noise_scheduler(cfg.noise)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+                                  weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
+                                  fused=cfg.optim.fused and accelerator.device.type == "cuda")
     lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer, num_warmup_steps=cfg.optim.lr_warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
     ema = None
@@ -390,7 +396,8 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(unet):
                 batch = next(batches)
-                latents = batch["latents"].to(accelerator.device, non_blocking=True)  # (B, c, h, w) c_0
+                latents = batch["latents"].to(accelerator.device, memory_format=memory_format,
+                                              non_blocking=True)  # (B, c, h, w) c_0
                 labels = None
                 if null_index is not None:
                     labels = drop_labels(batch["label"].to(accelerator.device), null_index, cfg.model.label_dropout)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -260,6 +260,22 @@ def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_pa
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 2 and np.isfinite(losses).all()
     assert all(p.dtype == torch.float32 for p in load_pipeline(out).unet.parameters())
+
+
+def test_channels_last_trains_the_same_unet_and_exports_it(cache, tmp_path):
+    """channels_last changes the memory layout, not the maths; the export loads."""
+    steps = {"train.max_steps": 2, "train.use_ema": "false"}
+    plain = run(cache, tmp_path / "plain", **steps)["unet"]
+    reset_accelerate_state()
+    fast = run(cache, tmp_path / "fast", **steps, **{"train.channels_last": "true"})["unet"]
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), fast.state_dict().items()):
+        if name.endswith("to_k.bias"):  # softmax ignores it: Adam turns its rounding noise into steps
+            continue
+        # Adam's first steps (lr 2e-3) magnify rounding differences of tiny gradients
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name} differs: {m}")
+    exported = UNet2DModel.from_pretrained(tmp_path / "fast" / "pipeline" / "unet")
+    torch.testing.assert_close(exported.conv_in.weight, fast.conv_in.weight.contiguous())
 
 
 def test_cache_from_another_vae_is_refused(cache, tmp_path):
