@@ -322,6 +322,7 @@ def evaluate_vae(
     save_reconstructions: PathLike | None = None,
     vae_config: PathLike | None = None,
     progress: bool = True,
+    tiling: bool = False,
 ) -> dict[str, Any]:
     """Reconstruct every image of a folder and report the metrics the literature uses.
 
@@ -354,6 +355,10 @@ def evaluate_vae(
             the files (``<index>_<stem>.png``), to look at or to check the numbers.
         vae_config: config for a single-file ``vae`` (``load_vae``'s ``config``).
         progress: show a tqdm bar.
+        tiling: encode and decode in overlapping tiles of the VAE's ``sample_size``
+            (diffusers' ``enable_tiling``, seams blended linearly): memory stays that of
+            one tile, for crops larger than the training size. Changes the
+            reconstructions slightly near tile seams.
     Returns:
         The report (what ``out`` holds).
     Raises:
@@ -369,6 +374,8 @@ def evaluate_vae(
         raise ValueError(f"resolution must be a positive multiple of the VAE's downsampling factor {f}, got {resolution}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()  # load_vae gives float32
+    if tiling:
+        model.enable_tiling()
     paths, skipped = select_images(data, resolution, max_images)
 
     lpips_net, lpips_note = build_lpips(lpips)
@@ -473,6 +480,7 @@ def evaluate_vae(
         "files": {"csv": str(files["csv"]), "worst": str(files["worst"]),
                   "reconstructions": str(recon_dir) if recon_dir is not None else None},
         "run": {"device": str(dev), "batch_size": batch_size, "num_workers": num_workers,
+                "tiling": {"tile_px": model.tile_sample_min_size, "overlap": model.tile_overlap_factor} if tiling else None,
                 "seconds": round(seconds, 2), "images_per_sec": round(len(rows) / seconds, 3),
                 "torch": torch.__version__, "python": platform.python_version()},
     }

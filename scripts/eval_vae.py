@@ -32,6 +32,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--out", help="report path (default report.json; latent_stats.json with --latent-stats)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--tiling", action="store_true",
+                        help="encode/decode in overlapping tiles of the VAE's training size (diffusers' enable_tiling): "
+                             "memory of one tile, for --resolution well above the training size; seams are blended, "
+                             "so figures differ slightly from untiled ones")
     ev = parser.add_argument_group("evaluation")
     ev.add_argument("--lpips", choices=("auto", "off"), default="auto",
                     help="LPIPS (VGG) when torchvision's VGG16 weights can be had (default auto)")
@@ -78,7 +82,7 @@ def main(argv=None):
             return
         report = evaluate_vae(args.vae, args.data, out=args.out or "report.json", lpips=args.lpips, fid=args.fid,
                               inception_weights=args.inception_weights, save_reconstructions=args.save_reconstructions,
-                              vae_config=args.vae_config, **common)
+                              vae_config=args.vae_config, tiling=args.tiling, **common)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     p, s = report["psnr"], report["ssim"]
