@@ -143,6 +143,9 @@ class TrainConfig:
     channels_last: bool = False  # NHWC U-Net and latents: faster convolutions on CUDA tensor cores
     compile: bool = False  # torch.compile the U-Net for training (slow first steps)
     allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
+    # Recompute activations in the backward pass: less memory, ~30% more compute; for
+    # large latents or U-Nets that do not fit otherwise.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

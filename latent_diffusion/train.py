@@ -301,6 +301,8 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     noise_scheduler = build_noise_scheduler(cfg.noise)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     unet.to(memory_format=memory_format)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

@@ -262,13 +262,14 @@ def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_pa
     assert all(p.dtype == torch.float32 for p in load_pipeline(out).unet.parameters())
 
 
-def test_channels_last_trains_the_same_unet_and_exports_it(cache, tmp_path):
-    """channels_last changes the memory layout, not the maths; the export loads."""
+def test_channels_last_and_checkpointing_train_the_same_unet_and_export_it(cache, tmp_path):
+    """channels_last and recomputation change layout and work, not the maths; the export loads."""
     steps = {"train.max_steps": 2, "train.use_ema": "false"}
     plain = run(cache, tmp_path / "plain", **steps)["unet"]
     reset_accelerate_state()
-    fast = run(cache, tmp_path / "fast", **steps, **{"train.channels_last": "true"})["unet"]
-    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = run(cache, tmp_path / "fast", **steps, **{"train.channels_last": "true",
+                                                     "train.gradient_checkpointing": "true"})["unet"]
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and fast.is_gradient_checkpointing
     for (name, a), (_, b) in zip(plain.state_dict().items(), fast.state_dict().items()):
         if name.endswith("to_k.bias"):  # softmax ignores it: Adam turns its rounding noise into steps
             continue
