@@ -35,8 +35,9 @@ torch.cuda.max_memory_allocated on CUDA.
   built first (untimed) from --data (default: the demo tiles) at --resolution (default
   64) with --vae (default: a random demo-shaped VAE). Then, in this process, the two
   kinds of step alternate repeat by repeat: a U-Net step on cached latents vs a U-Net
-  step that decodes and encodes the images every step (as diffusers' example scripts
-  do), same U-Net, AdamW and loss; their steps/s ratio is what the cache buys.
+  step that crops and encodes the images every step (as diffusers' example scripts do;
+  decoded images stay in memory for up to 1000 files), same U-Net, AdamW, loss and
+  --steps steps per call; their steps/s ratio is what the cache buys.
 --what sample: images/s of LatentDiffusionPipeline(batch_size=B, num_inference_steps=
   --steps (default 50)): --model DIR, or a random pipeline of the demo's shape (the
   demo-shaped VAE, a U-Net from --config's model section, DDIM). FLOPs per image: the
@@ -45,9 +46,10 @@ torch.cuda.max_memory_allocated on CUDA.
   photo upscaled) through encode + decode of --vae (default: random, demo-shaped), each
   case in its own process: plain, vae.enable_tiling() (tiles of --tile-size px, default
   the VAE's sample_size, overlapping by a quarter and blended), plain with a batch of 2,
-  and vae.enable_slicing() with a batch of 2. Reports s/image, peak memory and how far
-  the tiled (and sliced) reconstruction lies from the plain one (tiles are blended, so
-  not exactly).
+  and vae.enable_slicing() with a batch of 2. Reports s/image, peak memory (and what the
+  work added to it), how far the tiled (and sliced) reconstruction lies from the plain
+  one (tiles are normalised apart and blended, so not exactly), and each one's 8-bit
+  PSNR against the input. A random VAE's differences mean little: pass --vae.
 --what encode: images/s of the real encode_latents path (files -> DataLoader workers ->
   VAE -> shard files, a fresh cache each repeat, worker start-up included) next to the
   VAE's pure encode on in-memory tensors of the same size, batch and thread count. The
@@ -1098,7 +1100,9 @@ def _child_vae_tiling(spec: dict[str, Any]) -> dict[str, Any]:
     if not flops:
         flops["total"] = count_flops(run)
     save_file({"rec": out["rec"][:1].float().cpu().contiguous()}, spec["rec_out"])
-    return {**result, **peak_memory(device), "peak_rss_before_work_mib": before["peak_rss_mib"],
+    memory = peak_memory(device)
+    return {**result, **memory, "peak_rss_before_work_mib": before["peak_rss_mib"],
+            "peak_rss_work_mib": round(memory["peak_rss_mib"] - before["peak_rss_mib"], 1),
             "flops_per_item": flops["total"] // len(images), "device": device, "threads": torch.get_num_threads()}
 
 
@@ -1147,6 +1151,10 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         print(f"[{name}] {r['seconds_per_image']:.2f} s/image, peak {r['peak_memory_mib']:.0f} MiB "
               f"({r['peak_rss_before_work_mib']:.0f} before the work), 1-min load {r['load_average_before']} -> "
               f"{r['load_average_after']}", flush=True)
+    from autoencoderkl.metrics import psnr_ssim_8bit
+
+    for r in results.values():
+        r["psnr_vs_input_db"] = float(psnr_ssim_8bit(images[:1], r["rec"])[0][0])  # the first image, 8-bit
     plain = results["plain"].pop("rec")
     spread = float((plain - plain.mean()).abs().mean())  # how much the reconstruction itself varies
     for name, r in results.items():
@@ -1157,10 +1165,15 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     print_table(f"vae_tiling: encode + decode of a {resolution}x{resolution} photo, {vae_path if args.vae else 'random demo-shaped VAE'}, "
                 f"tiles of {tile} px, {device} ({threads} threads); median of {args.repeats} after {args.warmup} warm-up",
                 results, "plain")
-    print(f"{'case':<16} {'s/image':>8} {'peak MiB':>9} {'max |diff|':>11} {'mean |diff|':>12}  (vs plain, images in [-1, 1])")
+    print(f"\n{'case':<16} {'s/image':>8} {'peak MiB':>9} {'(work)':>8} {'max |diff|':>11} {'mean |diff|':>12} "
+          f"{'(relative)':>11} {'PSNR dB':>8}")
     for name, r in results.items():
-        d = r.get("abs_diff_vs_plain", {"max": 0.0, "mean": 0.0})
-        print(f"{name:<16} {r['seconds_per_image']:8.2f} {r['peak_memory_mib']:9.0f} {d['max']:11.4f} {d['mean']:12.5f}")
+        d = r.get("abs_diff_vs_plain", {"max": 0.0, "mean": 0.0, "mean_over_plain_mean_abs_deviation": 0.0})
+        work = r["cuda_max_memory_allocated_mib"] if device == "cuda" else r["peak_rss_work_mib"]
+        print(f"{name:<16} {r['seconds_per_image']:8.2f} {r['peak_memory_mib']:9.0f} {work:8.0f} {d['max']:11.4f} "
+              f"{d['mean']:12.5f} {d['mean_over_plain_mean_abs_deviation']:11.5f} {r['psnr_vs_input_db']:8.2f}")
+    print("(work): memory the encode + decode added; |diff|: from the plain reconstruction (images in [-1, 1]), "
+          "relative: / its mean absolute deviation; PSNR: 8-bit, of the first image's reconstruction vs the input")
     return {
         "environment": {**environment(device, "fp32", threads), "load_average_before": load_before},
         "settings": {"vae": vae_path if args.vae else "random, configs/autoencoderkl/demo.yaml shape (+ --set)",
@@ -1168,8 +1181,10 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                      "resolution": resolution, "tile_size": tile, "tile_overlap": 0.25, "batch_size": batch,
                      "warmup": args.warmup, "repeats": args.repeats},
         "cases": results,
-        "notes": ["peak memory is the whole process's (peak_rss_before_work_mib: after loading the model and image)",
-                  "abs_diff_vs_plain compares the first image's reconstruction with the plain case's; "
+        "notes": ["peak memory is the whole process's; peak_rss_work_mib = peak_rss_mib - peak_rss_before_work_mib "
+                  "(after loading the model and the images): what the encode + decode itself added",
+                  "psnr_vs_input_db: 8-bit PSNR of the first image's reconstruction against the input; "
+                  "abs_diff_vs_plain compares that reconstruction with the plain case's; "
                   "mean_over_plain_mean_abs_deviation divides its mean by the plain reconstruction's mean absolute "
                   "deviation. A random VAE's output is not an image (nor in [-1, 1]): pass --vae for a meaningful "
                   "difference"],
