@@ -363,6 +363,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _as_overrides(values: dict[str, Any]) -> list[str]:
+    """``{"train.compile": True}`` -> ``["train.compile=true"]``."""
+    return [f"{k}={_format(v)}" for k, v in values.items()]
+
+
 def _config_value(cfg: Any, key: str) -> Any:
     section, name = key.split(".")
     return getattr(getattr(cfg, section), name)
@@ -411,10 +416,9 @@ def plan_cases(
     base_cfg = load(config, common + user_set)
     available = {k: v for k, v in switches.items() if k in known}
     fast = {k: (v(base_cfg) if callable(v) else v) for k, v in optimized.get(device_type, {}).items() if k in known}
-    as_list = lambda values: [f"{k}={_format(v)}" for k, v in values.items()]  # noqa: E731
-    cases = {"optimized": common + as_list(fast) + user_set}
+    cases = {"optimized": common + _as_overrides(fast) + user_set}
     if baseline:
-        cases["baseline"] = common + as_list(available) + user_set
+        cases["baseline"] = common + _as_overrides(available) + user_set
     skipped: dict[str, str] = {}
     if ablate:
         for key, off in available.items():
@@ -424,11 +428,12 @@ def plan_cases(
             elif value == off:
                 try_on = (ablate_on or {}).get(device_type, {})
                 if key in try_on:
-                    cases[f"optimized, {key}={_format(try_on[key])}"] = common + as_list({**fast, key: try_on[key]}) + user_set
+                    on = {**fast, key: try_on[key]}
+                    cases[f"optimized, {key}={_format(try_on[key])}"] = common + _as_overrides(on) + user_set
                 else:
                     skipped[key] = f"already {_format(off)} (its baseline value) in the optimized case"
             else:
-                cases[f"optimized, {key}={_format(off)}"] = common + as_list({**fast, key: off}) + user_set
+                cases[f"optimized, {key}={_format(off)}"] = common + _as_overrides({**fast, key: off}) + user_set
     for overrides in cases.values():
         load(config, overrides)
     info = {"switches": {k: _format(v) for k, v in switches.items()},
@@ -453,6 +458,7 @@ def print_table(title: str, results: dict[str, dict[str, Any]], reference: str |
     head = (f"{'case':<{width}}  {unit + '/s (median, min-max)':>26}  {'steps/s':>8}  {'GFLOP/' + unit:>11}  "
             f"{'TFLOP/s':>8}  {'peak MiB':>9}" + (f"  {'x ' + reference:>12}" if ref else ""))
     print(f"\n{title}\n{head}\n{'-' * len(head)}")
+
     def cell(value: float | None, width: int, spec: str) -> str:
         return f"{value:{width}{spec}}" if value is not None else f"{'-':>{width}}"
 
@@ -523,7 +529,7 @@ def run_child(name: str, spec: dict[str, Any], scratch: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.is_file():
         tail = log_path.read_text(errors="replace")[-4000:]
@@ -723,8 +729,8 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     max_steps = (args.warmup + args.repeats) * steps
     common = [f"train.max_steps={max_steps}", f"train.log_steps={steps}", f"train.validation_steps={max_steps}",
               f"train.checkpointing_steps={max_steps}", "loss.disc_start=0"]
-    notes = ["loss.disc_start=0: every timed step is the full one (generator with LPIPS, PatchGAN term and "
-             "adaptive weight; discriminator update)"]
+    notes = [("loss.disc_start=0: every timed step is the full one (generator with LPIPS, PatchGAN term and "
+              "adaptive weight; discriminator update)")]
     weights = vgg16_weights_path()
     if not weights.is_file():
         common.append("loss.perceptual_pretrained=false")
@@ -1049,7 +1055,7 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                         "load_average_before": load_before},
         "settings": {"pipeline": source, "batch_size": batch, "num_inference_steps": steps, "guidance_scale": 1.0,
                      "class_labels": labels, "warmup": args.warmup, "repeats": args.repeats, "set": args.set,
-                     "resolution": base.vae.config.sample_size if args.model else (args.resolution or 64)},
+                     "resolution": base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)},
         "switches": {k: _format(v) for k, v in SAMPLE_SWITCHES.items()},
         "optimized": {k: _format(v) for k, v in SAMPLE_OPTIMIZED[device].items()},
         "ablate_skipped": skipped,
@@ -1092,10 +1098,12 @@ def _child_vae_tiling(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
         return len(images)
 
-    flops = {}
-    # The warm-up calls run under the FLOP counter (it slows them, but they are not timed).
-    warm = lambda: flops.setdefault("total", count_flops(run))  # noqa: E731
-    result = measure({spec["mode"]: run}, spec["repeats"], warmup=warm if spec["warmup"] else None,
+    flops: dict[str, int] = {}
+
+    def counted_warmup() -> None:  # under the FLOP counter: slower, but not timed
+        flops["total"] = count_flops(run)
+
+    result = measure({spec["mode"]: run}, spec["repeats"], warmup=counted_warmup if spec["warmup"] else None,
                      warmup_calls=spec["warmup"])[spec["mode"]]
     if not flops:
         flops["total"] = count_flops(run)
@@ -1181,13 +1189,13 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                      "resolution": resolution, "tile_size": tile, "tile_overlap": 0.25, "batch_size": batch,
                      "warmup": args.warmup, "repeats": args.repeats},
         "cases": results,
-        "notes": ["peak memory is the whole process's; peak_rss_work_mib = peak_rss_mib - peak_rss_before_work_mib "
-                  "(after loading the model and the images): what the encode + decode itself added",
-                  "psnr_vs_input_db: 8-bit PSNR of the first image's reconstruction against the input; "
-                  "abs_diff_vs_plain compares that reconstruction with the plain case's; "
-                  "mean_over_plain_mean_abs_deviation divides its mean by the plain reconstruction's mean absolute "
-                  "deviation. A random VAE's output is not an image (nor in [-1, 1]): pass --vae for a meaningful "
-                  "difference"],
+        "notes": [("peak memory is the whole process's; peak_rss_work_mib = peak_rss_mib - peak_rss_before_work_mib "
+                   "(after loading the model and the images): what the encode + decode itself added"),
+                  ("psnr_vs_input_db: 8-bit PSNR of the first image's reconstruction against the input; "
+                   "abs_diff_vs_plain compares that reconstruction with the plain case's; "
+                   "mean_over_plain_mean_abs_deviation divides its mean by the plain reconstruction's mean absolute "
+                   "deviation. A random VAE's output is not an image (nor in [-1, 1]): pass --vae for a meaningful "
+                   "difference")],
     }
 
 

@@ -140,7 +140,7 @@ def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path):
                                    warmup=0, threads=1)
     assert set(r["results"]) == {"cached", "encode_every_step"}
     assert r["settings"]["images"] == 4 and r["settings"]["image_resize"] is None
-    for name, case in r["results"].items():
+    for case in r["results"].values():
         assert case["items"] == 2 * 2  # steps x batch latents
         assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2)
     enc = r["results"]["encode_every_step"]
