@@ -1341,9 +1341,10 @@ def parse_args(argv=None):
                         help="intra-op threads on CPU for encode, sample, vae_tiling and train_ldm's in-process "
                              "comparison (default: the config's train.cpu_threads where it sets one (the stage-2 demo: "
                              "1), else all cores; the training loops always use the config's, see --set)")
-    enc = parser.add_argument_group("--what encode, train_ldm, vae_tiling")
-    enc.add_argument("--vae", help="AutoencoderKL folder (default: a random one shaped like configs/autoencoderkl/demo.yaml)")
-    enc.add_argument("--data", default="demo", help="image folder, or 'demo' (default: demo)")
+    enc = parser.add_argument_group("data and models (the --what each applies to is named)")
+    enc.add_argument("--vae", help="encode, train_ldm (its cache), vae_tiling: AutoencoderKL folder (default: a random one "
+                                    "shaped like configs/autoencoderkl/demo.yaml)")
+    enc.add_argument("--data", default="demo", help="encode, train_ldm (its cache): image folder, or 'demo' (default: demo)")
     enc.add_argument("--num-images", type=int, help="encode: only the first N images of --data (default: all)")
     enc.add_argument("--hflip", action="store_true", help="encode: also encode mirror views")
     enc.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="encode: latent storage dtype (default: fp32)")
