@@ -382,3 +382,8 @@ def test_tiling_reconstructs_large_crops_tile_by_tile(vae_dir, tmp_path, monkeyp
     assert plain["run"]["tiling"] is None
     assert tiled["psnr"]["mean"] != plain["psnr"]["mean"]  # blended seams: not the same numbers ...
     assert tiled["psnr"]["mean"] == pytest.approx(plain["psnr"]["mean"], abs=1.5)  # ... but close
+    tiles[:] = []
+    big = evaluate_vae(vae_dir, tmp_path / "photos", out=tmp_path / "big.json", tiling=True, tile_size=32, **kw)
+    assert len(tiles) == 4 and big["run"]["tiling"]["tile_px"] == 32  # 32 px tiles every 24 px
+    with pytest.raises(ValueError, match="multiple of the VAE's downsampling factor 2"):
+        evaluate_vae(vae_dir, tmp_path / "photos", out=tmp_path / "bad.json", tiling=True, tile_size=15, **kw)
