@@ -83,8 +83,10 @@ Switches a config does not know yet (an older checkout) are left out and listed 
 "switches_unavailable" in the JSON.
 
 Cases run one after another (train_vae, train_ldm, vae_tiling: a process each), so a
-machine shared with other work skews them unequally: compare the load averages recorded
-with each case, and rerun if one looks skewed.
+machine shared with other work can skew them unequally. train_vae and train_ldm therefore
+run --rounds (2) rounds of processes in alternating order (A B, then B A) and pool the
+timed windows; compare the load averages recorded with each case and round, and rerun if
+one looks skewed.
 """
 
 from __future__ import annotations
@@ -702,20 +704,41 @@ def unet_step_flops(unet: Any, cfg: Any, batch: int) -> int:
 
 
 def _run_training_cases(cases: dict[str, list[str]], kind: str, config: str, warmup: int, scratch: Path,
-                        unit: str) -> dict[str, dict[str, Any]]:
-    """Run every case's child in turn; per case the timed-window figures and the rest."""
+                        unit: str, rounds: int = 1) -> dict[str, dict[str, Any]]:
+    """Run every case's child, ``rounds`` times in alternating order; per case the pooled figures.
+
+    A shared machine's speed drifts over tens of seconds, so cases run one after another
+    are skewed unequally; alternating rounds (A B, then B A, ...) spread the drift over
+    all cases. Each child drops its own ``warmup`` windows; the timed windows of all its
+    rounds are pooled (median, min-max). Peak memory is the largest of the rounds; the
+    load averages and process times are those of each round (``rounds_detail``).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    for r in range(rounds):
+        for name in (list(cases) if r % 2 == 0 else list(reversed(cases))):
+            label = f"{name}, round {r + 1}/{rounds}" if rounds > 1 else name
+            print(f"[{label}] running the {kind} loop in a fresh process ...", flush=True)
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{r}")
+            out = run_child(slug, {"kind": kind, "config": config, "overrides": cases[name],
+                                   "out_dir": str(scratch / slug)}, scratch)
+            runs[name].append(out)
+            timed = out["rates"][warmup:]
+            print(f"[{label}] {statistics.median(timed) if timed else float('nan'):.2f} {unit}/s (median of {len(timed)} "
+                  f"windows), peak {out['peak_memory_mib']:.0f} MiB, 1-min load {out['load_average_before']} -> "
+                  f"{out['load_average_after']}", flush=True)
     results = {}
-    for name, overrides in cases.items():
-        print(f"[{name}] running the {kind} loop in a fresh process ...", flush=True)
-        out = run_child(name, {"kind": kind, "config": config, "overrides": overrides,
-                               "out_dir": str(scratch / re.sub(r"[^A-Za-z0-9_.-]+", "_", name))}, scratch)
-        result = summarize_windows(out.pop("rates"), out["items_per_window"], warmup)
-        result = _with_rates(result, out["flops"]["per_item"], out["items_per_step"])
-        result.update(overrides=overrides, **out)
+    for name, outs in runs.items():
+        rates = [rate for out in outs for rate in out["rates"][:warmup]] + [rate for out in outs for rate in out["rates"][warmup:]]
+        result = summarize_windows(rates, outs[0]["items_per_window"], warmup * len(outs))
+        first = {k: v for k, v in outs[0].items() if k != "rates"}
+        result = _with_rates(result, first["flops"]["per_item"], first["items_per_step"])
+        result.update(overrides=cases[name], **first)
+        for key in ("peak_memory_mib", "peak_rss_mib", "cuda_max_memory_allocated_mib"):
+            if key in first:
+                result[key] = max(out[key] for out in outs)
+        result["rounds_detail"] = [{k: out.get(k) for k in ("process_wall_s", "load_average_before", "load_average_after")}
+                                   for out in outs]
         results[name] = result
-        print(f"[{name}] {result['items_per_s']:.2f} {unit}/s (median of {len(result['seconds'])} windows; "
-              f"{result['items_per_s_min']:.2f}-{result['items_per_s_max']:.2f}), peak {result['peak_memory_mib']:.0f} MiB, "
-              f"1-min load {out['load_average_before']} -> {out['load_average_after']}", flush=True)
     return results
 
 
@@ -747,16 +770,18 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     cases, info = plan_cases(load_config, VAEConfig, config, device, STAGE1_SWITCHES, STAGE1_OPTIMIZED, common,
                              args.set, args.baseline, args.ablate)
     load_before = load_average()
-    results = _run_training_cases(cases, "train_vae", config, args.warmup, scratch, "img")
+    results = _run_training_cases(cases, "train_vae", config, args.warmup, scratch, "img", args.rounds)
     opt = results["optimized"]
     cfg = load_config(config, cases["optimized"])
     title = (f"train_vae: {Path(config).name}, {cfg.data.resolution}x{cfg.data.resolution}, batch {cfg.data.batch_size}, "
-             f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} windows of {steps} steps after "
+             f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} x {args.rounds} windows of {steps} "
+             f"steps after "
              f"{args.warmup} warm-up window(s)")
     speedups = print_table(title, results, "baseline" if args.baseline else None)
     return {
         "environment": {**environment(opt["device"], opt["dtype"], opt["threads"]), "load_average_before": load_before},
-        "settings": {"config": config, "steps_per_window": steps, "warmup_windows": args.warmup, "repeats": args.repeats,
+        "settings": {"config": config, "steps_per_window": steps, "warmup_windows": args.warmup,
+                     "repeats": args.repeats, "rounds": args.rounds,
                      "common_overrides": common, "set": args.set, "resolution": cfg.data.resolution,
                      "batch_size": cfg.data.batch_size, "perceptual": opt["perceptual"]},
         **info,
@@ -928,12 +953,13 @@ def bench_train_ldm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     cases, info = plan_cases(load_config, LDMConfig, config, device, STAGE2_SWITCHES, STAGE2_OPTIMIZED, common,
                              args.set, args.baseline, args.ablate, STAGE2_ABLATE_ON)
     load_before = load_average()
-    results = _run_training_cases(cases, "train_ldm", config, args.warmup, scratch, "latent")
+    results = _run_training_cases(cases, "train_ldm", config, args.warmup, scratch, "latent", args.rounds)
     opt = results["optimized"]
     cfg = load_config(config, cases["optimized"])
     shape = "x".join(str(s) for s in index["latent_shape"])
     title = (f"train_ldm: {Path(config).name}, {index['num_latents']} cached {shape} latents, batch {cfg.data.batch_size}, "
-             f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} windows of {steps} steps after "
+             f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} x {args.rounds} windows of {steps} "
+             f"steps after "
              f"{args.warmup} warm-up window(s)")
     speedups = print_table(title, results, "baseline" if args.baseline else None, unit="latent")
 
@@ -950,7 +976,7 @@ def bench_train_ldm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "environment": {**environment(opt["device"], opt["dtype"], opt["threads"]), "load_average_before": load_before},
         "settings": {"config": config, "latents": latents, "vae": vae_path, "latent_shape": index["latent_shape"],
                      "num_latents": index["num_latents"], "steps_per_window": steps, "warmup_windows": args.warmup,
-                     "repeats": args.repeats, "common_overrides": common, "set": args.set,
+                     "repeats": args.repeats, "rounds": args.rounds, "common_overrides": common, "set": args.set,
                      "batch_size": cfg.data.batch_size},
         **info,
         "notes": notes,
@@ -1320,6 +1346,10 @@ def parse_args(argv=None):
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides for every case, applied last (train_vae, train_ldm, sample: that "
                              "config; encode, vae_tiling: the random demo-shaped VAE's model.* keys)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="train_vae, train_ldm: run the cases' processes this many times, alternating the order "
+                             "(A B, B A, ...), and pool their timed windows: a shared machine's drifting speed then "
+                             "hits every case alike (default: 2)")
     parser.add_argument("--baseline", action="store_true",
                         help="also run the baseline case: every fast path off (train_vae, train_ldm, sample)")
     parser.add_argument("--ablate", action="store_true",
@@ -1356,8 +1386,8 @@ def parse_args(argv=None):
     enc.add_argument("--tile-size", type=int, help="vae_tiling: tile side in pixels (default: the VAE's sample_size)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one case from a spec file
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
     for name in ("steps", "resolution", "batch_size", "cpu_threads", "tile_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -84,13 +84,14 @@ def test_unknown_set_key_fails_with_the_configs_error(capsys):
 
 def test_train_vae_runs_the_real_loop_per_case_and_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
-    bench["main"](["--what", "train_vae", "--baseline", "--steps", "1", "--warmup", "1", "--repeats", "2",
+    bench["main"](["--what", "train_vae", "--baseline", "--steps", "1", "--warmup", "1", "--repeats", "1", "--rounds", "2",
                    "--resolution", "16", "--batch-size", "2", "--out", str(out), "--set", *TINY_TRAIN_VAE])
     report = json.loads(out.read_text())
     assert report["what"] == "train_vae" and set(report["cases"]) == {"optimized", "baseline"}
     assert {"device", "dtype", "torch_threads", "versions", "load_average_1_5_15min"} <= set(report["environment"])
     for case in report["cases"].values():
-        assert len(case["seconds"]) == 2 and len(case["warmup_items_per_s"]) == 1
+        # two alternating rounds of one process per case, each dropping its warm-up window
+        assert len(case["seconds"]) == 2 and len(case["warmup_items_per_s"]) == 2 and len(case["rounds_detail"]) == 2
         assert case["items_per_s_min"] <= case["items_per_s"] <= case["items_per_s_max"]
         assert case["items_per_s"] > 0 and case["peak_memory_mib"] > 0 and case["tflops_per_s"] > 0
         assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2)
