@@ -332,14 +332,8 @@ STAGE1_OPTIMIZED: dict[str, dict[str, Any]] = {
              "train.allow_tf32": True, "optim.fused": True, "loss.shared_backward": True,
              "data.num_workers": lambda cfg: max(cfg.data.num_workers, 4)},
 }
-STAGE2_SWITCHES: dict[str, Any] = {
-    "train.mixed_precision": "no",
-    "train.channels_last": False,
-    "train.compile": False,
-    "train.allow_tf32": False,
-    "optim.fused": False,
-    "data.num_workers": 0,
-}
+# Stage 2 has the same switches, less the shared LPIPS/PatchGAN backward.
+STAGE2_SWITCHES: dict[str, Any] = {k: v for k, v in STAGE1_SWITCHES.items() if k != "loss.shared_backward"}
 STAGE2_OPTIMIZED: dict[str, dict[str, Any]] = {
     "cpu": {},
     "cuda": {"train.mixed_precision": "bf16", "train.channels_last": True, "train.compile": True,
