@@ -274,6 +274,7 @@ class AutoencoderLoss(nn.Module):
             nll_loss, kl_loss, g_loss: () float32 scalars with graphs (nll through
                 x_hat and, when learned, the logvar; g through x_hat).
             last_layer: ``vae.decoder.conv_out.weight``, whose output is x_hat.
+            disc_factor: ``cfg.disc_factor`` (the GAN term is on here).
         Returns:
             ``(loss, d_weight)``: ``loss`` has the value nll + kl_weight * kl + d_weight *
             disc_factor * g and the same gradients as LDM's loss; d_weight is detached.
