@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -350,6 +350,53 @@ def stop_message(signum: int, global_step: int, checkpoint: Path, resume_hint: s
         f"Resume with: {resume_hint} --resume latest",
         exit_code=128 + signum,
     )
+
+
+def checkpoint_or_stop(
+    accelerator: Accelerator,
+    stop: StopSignals,
+    output_dir: Path,
+    global_step: int,
+    due: bool,
+    state: Callable[[], dict[str, Any]],
+    ema: Any = None,
+    total_limit: int | None = None,
+    progress: Any = None,
+) -> Path | None:
+    """The end of an optimizer step: a checkpoint when due; after SIGTERM/SIGINT, one and a stop.
+
+    Every process calls this once per optimizer step (``save_checkpoint`` and
+    ``StopSignals.requested`` are collective).
+
+    Args:
+        stop: the loop's ``StopSignals``.
+        output_dir: the run's output dir.
+        global_step: optimizer steps done.
+        due: whether the checkpoint schedule wants one at this step.
+        state: returns the scalars for ``state.json``; called only when a checkpoint is
+            written (it may sync the device).
+        ema, total_limit: as ``save_checkpoint``.
+        progress: the loop's tqdm bar, closed before stopping.
+    Returns:
+        The checkpoint written at this step, or None.
+    Raises:
+        TrainingStopped: when any process received a signal, after the checkpoint of this
+            step is written (``exit_code`` 128 + signal number, the resume command in the
+            message); TensorBoard is flushed first (``accelerator.end_training``).
+    """
+    checkpoint = None
+    if due:
+        checkpoint = save_checkpoint(accelerator, output_dir, global_step, state(), ema, total_limit)
+        logger.info("saved %s", checkpoint)
+    signum = stop.requested(accelerator)
+    if signum is None:
+        return checkpoint
+    if checkpoint is None:
+        checkpoint = save_checkpoint(accelerator, output_dir, global_step, state(), ema, total_limit)
+    if progress is not None:
+        progress.close()
+    accelerator.end_training()
+    raise stop_message(signum, global_step, checkpoint, resume_command())
 
 
 class NonFiniteGuard:

@@ -50,14 +50,12 @@ from .run import (
     NonFiniteGuard,
     StopSignals,
     build_accelerator,
+    checkpoint_or_stop,
     load_checkpoint,
     prepare_output_dir,
     reduce_mean,
     resolve_resume,
-    resume_command,
-    save_checkpoint,
     set_cpu_threads,
-    stop_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -388,19 +386,10 @@ def main(
                     progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
                 accelerator.wait_for_everyone()
 
-            checkpoint = None
-            if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
-                checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state(), ema,
-                                             cfg.train.checkpoints_total_limit)
-                logger.info("saved %s", checkpoint)
-            signum = stop.requested(accelerator)
-            if signum is not None:  # SIGTERM/SIGINT: checkpoint, then stop (the script exits 128 + signum)
-                if checkpoint is None:
-                    checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state(), ema,
-                                                 cfg.train.checkpoints_total_limit)
-                progress.close()
-                accelerator.end_training()  # flush TensorBoard
-                raise stop_message(signum, global_step, checkpoint, resume_command())
+            # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
+            checkpoint_or_stop(accelerator, stop, out, global_step,
+                               global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps,
+                               checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
     progress.close()
 
     # ---- export -------------------------------------------------------------------

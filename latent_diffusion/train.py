@@ -42,14 +42,12 @@ from autoencoderkl.run import (
     NonFiniteGuard,
     StopSignals,
     build_accelerator,
+    checkpoint_or_stop,
     load_checkpoint,
     prepare_output_dir,
     reduce_mean,
     resolve_resume,
-    resume_command,
-    save_checkpoint,
     set_cpu_threads,
-    stop_message,
 )
 
 from .config import LDMConfig
@@ -448,19 +446,10 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                     progress.write(f"step {global_step}: validation loss {last_val:.4f}")
                 accelerator.wait_for_everyone()
 
-            checkpoint = None
-            if global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps:
-                checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state, ema,
-                                             cfg.train.checkpoints_total_limit)
-                logger.info("saved %s", checkpoint)
-            signum = stop.requested(accelerator)
-            if signum is not None:  # SIGTERM/SIGINT: checkpoint, then stop (the script exits 128 + signum)
-                if checkpoint is None:
-                    checkpoint = save_checkpoint(accelerator, out, global_step, checkpoint_state, ema,
-                                                 cfg.train.checkpoints_total_limit)
-                progress.close()
-                accelerator.end_training()  # flush TensorBoard
-                raise stop_message(signum, global_step, checkpoint, resume_command())
+            # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
+            checkpoint_or_stop(accelerator, stop, out, global_step,
+                               global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps,
+                               lambda: checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
             if window_steps == 0:  # keep validation and checkpoint time out of latents_per_sec
                 window_start = time.perf_counter()
     progress.close()
