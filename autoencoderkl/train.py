@@ -390,6 +390,8 @@ def main(
             checkpoint_or_stop(accelerator, stop, out, global_step,
                                global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps,
                                checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
+            if window_steps == 0:  # keep validation and checkpoint time out of images_per_sec
+                window_start = time.perf_counter()
     progress.close()
 
     # ---- export -------------------------------------------------------------------
