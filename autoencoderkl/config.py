@@ -23,6 +23,8 @@ from typing import Any, Optional, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .atomic import write_atomic
+
 T = TypeVar("T")
 
 
@@ -292,7 +294,7 @@ def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> Non
 
     Args:
         cfg: a config dataclass instance.
-        path: destination file; written to ``path.tmp`` and renamed into place.
+        path: destination file; written atomically (``autoencoderkl.atomic``).
         notes: extra lines for the header (e.g. what ``perceptual_pretrained=auto`` chose).
     """
     path = Path(path)
@@ -300,7 +302,5 @@ def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> Non
               "#   " + shlex.join([os.path.basename(sys.argv[0]) or "python"] + sys.argv[1:])]
     header += [f"# {n}" for n in notes]
     text = "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
+from .atomic import write_atomic
 from .data import ImageFolder, list_images, load_rgb, to_tensor
 from .losses import build_perceptual
 from .metrics import psnr_ssim_8bit, to_uint8_range
@@ -233,16 +234,9 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_json(path: PathLike, obj: Any) -> None:
     """JSON (strict: no NaN/Infinity literals), indented, written atomically."""
-    _write_atomic(Path(path), (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(Path(path), (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def _font(size: int = 12) -> ImageFont.ImageFont:
@@ -447,7 +441,7 @@ def evaluate_vae(
             elif entry > worst[0]:
                 heapq.heapreplace(worst, entry)
             if recon_dir is not None:
-                _write_atomic(recon_dir / f"{it['index']:05d}_{path.stem}.png", _png_bytes(Image.fromarray(y8n[b])))
+                write_atomic(recon_dir / f"{it['index']:05d}_{path.stem}.png", _png_bytes(Image.fromarray(y8n[b])))
         bar.update(len(x))
     bar.close()
     if not rows:
@@ -498,12 +492,12 @@ def evaluate_vae(
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    _write_atomic(files["csv"], buf.getvalue().encode())
+    write_atomic(files["csv"], buf.getvalue().encode())
     shown = sorted(worst, reverse=True)  # lowest PSNR first
     by_index = {r["index"]: r for r in rows}
     grid = worst_grid([(f"{name}  PSNR {-neg:.2f} dB  SSIM {by_index[i]['ssim']:.3f}", x8, y8)
                        for neg, i, name, x8, y8 in shown])
-    _write_atomic(files["worst"], _png_bytes(grid))
+    write_atomic(files["worst"], _png_bytes(grid))
     write_json(files["report"], report)
     return report
 
@@ -611,5 +605,5 @@ def write_config_with_latent_stats(
     config["scaling_factor"] = stats["scaling_factor"]
     if shift:
         config["shift_factor"] = stats["shift_factor"]
-    _write_atomic(target, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(target, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return target

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_path
 from .config import ModelConfig
 from .run import save_pretrained_atomic
 
@@ -355,12 +356,11 @@ def save_original_checkpoint(vae: AutoencoderKL, path: str | os.PathLike, prefix
     config = {k: v for k, v in json.loads(vae.to_json_string()).items() if not k.startswith("_")}
     config_json = json.dumps(config, sort_keys=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if suffix == ".safetensors":
-        save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
-    else:
-        torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if suffix == ".safetensors":
+            save_file(tensors, str(tmp), metadata={"format": "pt", CONFIG_METADATA_KEY: config_json})
+        else:
+            torch.save({"state_dict": tensors, CONFIG_METADATA_KEY: config_json}, tmp)
     return path
 
 

@@ -30,6 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir, publish_dir, write_atomic
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
@@ -184,9 +186,8 @@ def save_checkpoint(
             state = {**state, "ema": ema_state}
         # state.json is written last: a folder holding it is complete.
         (tmp / STATE_FILE).write_text(json.dumps({**state, "global_step": global_step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        # Every file fsynced, then the rename, then the parent fsynced: durable once returned.
+        publish_dir(tmp, final)
         if total_limit is not None:
             for old in list_checkpoints(root)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -237,9 +238,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         """Append ``{"step": step, "time": unix seconds, **values}``."""
@@ -470,9 +469,9 @@ def resume_command() -> str:
 def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
     """``model.save_pretrained`` (safetensors) into ``out_dir``, atomically.
 
-    For any diffusers model or pipeline. Writes ``out_dir.tmp`` and renames it into place,
-    so a reader never sees a half-written folder; an existing ``out_dir`` is replaced
-    (moved to ``out_dir.old`` first, then deleted).
+    For any diffusers model or pipeline. Writes a hidden temporary folder beside it, fsyncs
+    it and renames it into place (``autoencoderkl.atomic.atomic_dir``), so a reader never
+    sees a half-written folder; an existing ``out_dir`` is replaced.
 
     Returns:
         ``out_dir`` as a Path, loadable with the model's ``from_pretrained``.
@@ -480,15 +479,6 @@ def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
         OSError: if the folder cannot be written; ``out_dir`` is then left as it was.
     """
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
     return out

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .config import VAEConfig, save_config
 from .data import ImageFolder, InfiniteSampler, demo_image_paths, list_images
 from .discriminator import NLayerDiscriminator
@@ -130,9 +131,8 @@ def save_grid(inputs: Tensor, reconstructions: Tensor, path: Path) -> None:
     pairs = torch.stack([inputs[: len(reconstructions)].float().cpu(), reconstructions.float().cpu()], 1).flatten(0, 1)
     grid = make_grid((pairs + 1) / 2, nrow=8, padding=2, pad_value=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp)
 
 
 def main(

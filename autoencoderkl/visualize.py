@@ -31,7 +31,8 @@ from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .evaluate import _font, _png_bytes, _write_atomic, load_eval_image
+from .atomic import atomic_path, write_atomic
+from .evaluate import _font, _png_bytes, load_eval_image
 from .model import load_vae
 
 PathLike = Union[str, os.PathLike]
@@ -110,9 +111,8 @@ def save_gif(frames: Sequence[Image.Image], path: PathLike, duration_ms: int = 1
     seq = list(frames) + list(frames[-2:0:-1])  # ping-pong, no frame shown twice in a row
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    seq[0].save(tmp, format="GIF", save_all=True, append_images=seq[1:], duration=duration_ms, loop=0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        seq[0].save(tmp, format="GIF", save_all=True, append_images=seq[1:], duration=duration_ms, loop=0)
     return path
 
 
@@ -310,7 +310,7 @@ def inspect_vae(
         tensors.append(load_eval_image(p, resolution)[0])
 
     def save(name: str, img: Image.Image) -> None:
-        _write_atomic(out / name, _png_bytes(img))
+        write_atomic(out / name, _png_bytes(img))
         written[name] = str(out / name)
 
     if len(tensors) >= 2:

@@ -23,6 +23,8 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from autoencoderkl.atomic import atomic_path
+
 from .model import SAMPLERS, build_sampler
 from .pipeline import LatentDiffusionPipeline, load_pipeline
 
@@ -69,9 +71,8 @@ def class_labels_for(pipeline: LatentDiffusionPipeline, class_label: Union[int, 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
     """(H, W, 3) uint8 -> PNG, written to a temporary name and renamed into place."""
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp)
 
 
 def sample(
@@ -153,9 +154,8 @@ def sample(
     grid = out / "grid.png"
     k = pipeline.num_classes
     nrow = k if class_label == "cycle" and k and k <= 16 else math.ceil(math.sqrt(len(shown)))
-    tmp = grid.with_name("grid.tmp.png")
-    save_image(make_grid(torch.stack(shown).float() / 255, nrow=nrow, padding=2, pad_value=1.0), tmp)
-    os.replace(tmp, grid)
+    with atomic_path(grid) as tmp:
+        save_image(make_grid(torch.stack(shown).float() / 255, nrow=nrow, padding=2, pad_value=1.0), tmp)
     settings = {"model": str(model) if not isinstance(model, LatentDiffusionPipeline) else None,
                 "num_images": num_images, "steps": steps, "scheduler": type(pipeline.scheduler).__name__,
                 "class_label": class_label, "guidance_scale": guidance_scale, "seed": seed,

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from autoencoderkl.atomic import atomic_path
 from autoencoderkl.config import save_config
 from autoencoderkl.data import InfiniteSampler
 from autoencoderkl.model import load_vae
@@ -234,9 +235,8 @@ def sample_grid(
     nrow = k if k and k <= 16 else math.ceil(math.sqrt(num_images))
     grid = make_grid(images.cpu(), nrow=nrow, padding=2, pad_value=1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(grid, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_image(grid, tmp)
 
 
 def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, overwrite: bool = False) -> dict[str, Any]:
