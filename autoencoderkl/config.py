@@ -125,8 +125,12 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The loop: steps, precision, checkpoints, validation."""
+class LoopConfig:
+    """What both stages' training loops share: steps, precision, checkpoints, faults, speed.
+
+    Each stage's ``TrainConfig`` extends it (stage 2: ``latent_diffusion.config``), so a
+    key such as ``train.max_steps`` means the same in both and is documented once.
+    """
 
     max_steps: int = 100_000  # optimizer steps (global_step counts these)
     gradient_accumulation_steps: int = 1
@@ -134,28 +138,40 @@ class TrainConfig:
     seed: int = 0
     checkpointing_steps: int = 5000
     checkpoints_total_limit: Optional[int] = 3  # keep the newest K; null keeps all
-    validation_steps: int = 1000  # every N steps: PSNR/SSIM + an input | reconstruction grid
-    log_steps: int = 10  # every N steps: a line in metrics.jsonl and TensorBoard
-    use_ema: bool = False  # exponential moving average of the autoencoder's weights
+    validation_steps: int = 1000  # every N steps: validation metrics and a PNG grid in samples/
+    log_steps: int = 10  # every N steps: a line in metrics.jsonl and the tracker (means over the N steps)
+    use_ema: bool = False  # exponential moving average of the trained model's weights
     ema_decay: float = 0.999
-    # Freeze the encoder (and quant_conv): train only the decoder, keeping the latent
-    # space, as diffusers' example and the sd-vae-ft-* releases do.
-    decoder_only: bool = False
     # Intra-op threads on CPU. null: this process's share of the cores. (accelerate
     # launch sets OMP_NUM_THREADS=1 for CPU runs unless given --cpu, halving a 2-core
     # machine's speed; an explicit number here wins over both.)
     cpu_threads: Optional[int] = None
     # NaN/inf gradients skip that optimizer step (counted as nonfinite_skips in
-    # metrics.jsonl); this many in a row stop the run with an error. fp16 runs leave
-    # overflow handling to the GradScaler.
+    # metrics.jsonl). After this many in a row, train.nonfinite_action decides. fp16 runs
+    # leave overflow handling to the GradScaler.
     max_consecutive_nonfinite: int = 5
+    # stop: end the run with an error and advice. rollback: reload the newest checkpoint,
+    # multiply the learning rates by rollback_lr_factor, move past the batches that failed
+    # and go on (at most max_rollbacks times; each one is a line in metrics.jsonl).
+    nonfinite_action: str = "stop"
+    rollback_lr_factor: float = 0.5  # learning rates x this at each rollback, in (0, 1]
+    max_rollbacks: int = 3  # rollbacks allowed in one run; one more failure stops it
     # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
-    channels_last: bool = False  # NHWC for models and images: faster convolutions on CUDA tensor cores
-    compile: bool = False  # torch.compile the autoencoder, discriminator and LPIPS (slow first steps)
+    channels_last: bool = False  # NHWC models and inputs: faster convolutions on CUDA tensor cores
+    compile: bool = False  # torch.compile the trained models (slow first steps)
     allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
     # Recompute activations in the backward pass: less memory, ~30% more compute; for
-    # resolutions that do not fit otherwise.
+    # resolutions or models that do not fit otherwise.
     gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The stage-1 loop: ``LoopConfig`` plus decoder-only fine-tuning."""
+
+    # Freeze the encoder (and quant_conv): train only the decoder, keeping the latent
+    # space, as diffusers' example and the sd-vae-ft-* releases do.
+    decoder_only: bool = False
 
 
 @dataclass
@@ -170,13 +186,18 @@ class VAEConfig:
 
 
 # Values that must come from a fixed set, checked after merging.
+# Choices of the keys both stages have (LoopConfig and the optimizer schedule).
+LOOP_CHOICES: dict[str, tuple[str, ...]] = {
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.nonfinite_action": ("stop", "rollback"),
+    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+}
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss.pixel_loss": ("l1", "l2"),
     "loss.perceptual_pretrained": ("true", "false", "auto"),
     "loss.disc_loss": ("hinge", "vanilla"),
     "data.source": ("folder", "demo"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    **LOOP_CHOICES,
 }
 
 
@@ -278,15 +299,33 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         raise ValueError(f"data.resize ({d.resize}) must be >= data.resolution ({d.resolution}) or null")
     if d.source == "folder" and not d.train_dir:
         raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo)")
+    check_loop_config(cfg, extra_positive=("data.val_grid", "data.num_val_images"))
+    return cfg
+
+
+def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:
+    """The checks both stages make on ``train`` (a ``LoopConfig``), ``optim`` and ``data``.
+
+    Args:
+        cfg: a stage's whole config (``VAEConfig`` or ``LDMConfig``).
+        extra_positive: more dotted keys whose values must be >= 1.
+    Raises:
+        ValueError: naming the key, when a count is < 1, ``optim.betas`` is not two
+            numbers, or a rollback setting is out of range.
+    """
     for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation_steps",
-                "train.checkpointing_steps", "train.validation_steps", "train.log_steps", "data.val_grid",
-                "data.num_val_images"):
+                "train.checkpointing_steps", "train.validation_steps", "train.log_steps",
+                "train.max_consecutive_nonfinite", *extra_positive):
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ValueError(f"{key} must be >= 1")
+        value = getattr(getattr(cfg, section), name)
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
-    return cfg
+    if not 0.0 < cfg.train.rollback_lr_factor <= 1.0:
+        raise ValueError(f"train.rollback_lr_factor must lie in (0, 1], got {cfg.train.rollback_lr_factor}")
+    if cfg.train.max_rollbacks < 0:
+        raise ValueError(f"train.max_rollbacks must be >= 0, got {cfg.train.max_rollbacks}")
 
 
 def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> None:

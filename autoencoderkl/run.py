@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -22,15 +23,19 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 from .atomic import atomic_dir, publish_dir, write_atomic
+from .config import save_config
+from .data import InfiniteSampler
 
 logger = logging.getLogger(__name__)
 
@@ -236,9 +241,15 @@ class MetricsLog:
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            write_atomic(path, "".join(line + "\n" for line in kept))
+        if resume_step is not None:
+            self.truncate(resume_step)
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines of steps after ``step`` (they are about to be redone)."""
+        if self.enabled and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         """Append ``{"step": step, "time": unix seconds, **values}``."""
@@ -323,13 +334,15 @@ class StopSignals:
     def requested(self, accelerator: Accelerator) -> int | None:
         """The signal number if any process received one, else None (all processes call).
 
-        The flag is all-reduced (max) so that every rank stops at the same step even when
-        only one was signalled.
+        Accelerate's trigger (``set_trigger`` / ``check_trigger``, an all-reduced flag)
+        makes every rank stop at the same step even when only one was signalled; a rank
+        that received nothing itself reports SIGTERM.
         """
-        flag = self.received or 0
-        if accelerator.num_processes > 1:
-            flag = int(accelerator.reduce(torch.tensor([flag], device=accelerator.device), reduction="sum").max())
-        return flag or None
+        if self.received is not None:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            return self.received or signal.SIGTERM
+        return None
 
 
 def stop_message(signum: int, global_step: int, checkpoint: Path, resume_hint: str) -> TrainingStopped:
@@ -399,51 +412,172 @@ def checkpoint_or_stop(
 
 
 class NonFiniteGuard:
-    """Skip optimizer steps whose gradients are NaN or inf; give up after K in a row.
+    """Skip optimizer steps whose gradients are NaN or inf; after K in a row, stop or roll back.
 
     One bad batch (a corrupt image decoded to garbage, a discriminator blow-up) should
-    cost one step, not the run; a run that keeps producing non-finite values is broken
-    and must stop with a clear message rather than train on NaNs or silently stall.
-    Under DDP the gradients are all-reduced first, so every rank takes the same decision.
+    cost one step, not the run. A run that keeps producing non-finite values is either
+    stopped with advice (``action="stop"``) or rolled back (``action="rollback"``): the
+    loop reloads the newest checkpoint, lowers the learning rates and moves past the
+    batches that failed (``rollback``), at most ``max_rollbacks`` times. Under DDP the
+    gradients are all-reduced before their norm is taken, so every rank decides alike.
+
+    Per optimizer step the loop calls ``check`` once per optimizer, then ``end_step``.
 
     Args:
-        max_consecutive: K, consecutive skipped steps after which ``check`` raises.
-        name: which model's gradients (for messages).
+        max_consecutive: K, consecutive non-finite steps that trigger ``action``.
+        action: ``"stop"`` or ``"rollback"`` (``train.nonfinite_action``).
+        max_rollbacks: rollbacks allowed; the next failure stops the run.
+        lr_factor: learning rates x this at each rollback (``train.rollback_lr_factor``).
     Attributes:
-        skipped: steps skipped so far in this process's run (logged as ``nonfinite_skips``).
+        skipped: optimizer steps skipped so far in the run (``nonfinite_skips`` in metrics.jsonl).
+        consecutive: non-finite steps in a row up to now.
+        rollback_due: set by ``end_step`` when the loop must call ``rollback`` now.
+        rollbacks: one dict per rollback done (``from_step``, ``to_step``, ``lr_scale``).
+        lr_scale: product of the rollback factors applied so far (1.0 before any).
+        data_offset: samples per process consumed beyond ``global_step x samples per
+            step``: the batches rolled-back steps used, which are not drawn again.
+    Raises:
+        ValueError: on ``max_consecutive < 1`` or an unknown ``action``.
     """
 
-    def __init__(self, max_consecutive: int, name: str):
+    def __init__(self, max_consecutive: int, action: str = "stop", max_rollbacks: int = 0, lr_factor: float = 0.5):
         if max_consecutive < 1:
             raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
-        self.max_consecutive, self.name = max_consecutive, name
-        self.skipped = 0
-        self.consecutive = 0
+        if action not in ("stop", "rollback"):
+            raise ValueError(f"action must be 'stop' or 'rollback', got {action!r}")
+        self.max_consecutive, self.action = max_consecutive, action
+        self.max_rollbacks, self.lr_factor = max_rollbacks, lr_factor
+        self.skipped = self.consecutive = 0
+        self.rollback_due = False
+        self.rollbacks: list[dict[str, Any]] = []
+        self.lr_scale, self.data_offset = 1.0, 0
+        self._bad: list[str] = []
 
-    def check(self, grad_norm: torch.Tensor | float, global_step: int) -> bool:
-        """True if the step may go ahead; False to skip it (the caller zeroes the grads).
+    @classmethod
+    def for_run(cls, train: Any) -> NonFiniteGuard | None:
+        """The guard a run's ``train`` section (``LoopConfig``) asks for; None under fp16.
+
+        fp16's GradScaler already skips overflowing steps (routinely while it calibrates
+        its scale), so the guard watches fp32 and bf16 runs only.
+        """
+        if train.mixed_precision == "fp16":
+            return None
+        return cls(train.max_consecutive_nonfinite, train.nonfinite_action, train.max_rollbacks,
+                   train.rollback_lr_factor)
+
+    def check(self, grad_norm: torch.Tensor | float, name: str) -> bool:
+        """True if this optimizer's step may go ahead; False to skip it (the caller zeroes its grads).
 
         Args:
-            grad_norm: the total gradient norm of this optimizer step (any device).
-            global_step: optimizer steps done so far (for messages).
-        Raises:
-            TrainingStopped: on the K-th consecutive non-finite step.
+            grad_norm: the total gradient norm of this optimizer's parameters (any device).
+            name: the model it belongs to, for messages.
         """
         if bool(torch.isfinite(torch.as_tensor(grad_norm))):
-            self.consecutive = 0
             return True
+        self._bad.append(f"{name} ({float(grad_norm)})")
+        return False
+
+    def end_step(self, global_step: int) -> None:
+        """Close optimizer step ``global_step + 1``: count it, and act after K bad ones in a row.
+
+        Raises:
+            TrainingStopped: on the K-th consecutive non-finite step with ``action="stop"``,
+                or with ``action="rollback"`` once ``max_rollbacks`` are used up.
+        """
+        if not self._bad:
+            self.consecutive = 0
+            return
         self.skipped += 1
         self.consecutive += 1
-        logger.warning("step %d: non-finite %s gradient norm (%s); optimizer step skipped (%d in a row)",
-                       global_step + 1, self.name, grad_norm, self.consecutive)
-        if self.consecutive >= self.max_consecutive:
-            raise TrainingStopped(
-                f"{self.consecutive} consecutive optimizer steps of the {self.name} had NaN/inf gradients "
-                f"(up to step {global_step + 1}); stopping. Resume from the last checkpoint with a lower "
-                f"optim.lr, gradient clipping (optim.max_grad_norm), train.mixed_precision=no or bf16, "
-                f"or check the data for broken images."
-            )
-        return False
+        bad, self._bad = ", ".join(self._bad), []
+        logger.warning("step %d: non-finite gradient norm of the %s; optimizer step skipped (%d in a row)",
+                       global_step + 1, bad, self.consecutive)
+        if self.consecutive < self.max_consecutive:
+            return
+        if self.action == "rollback" and len(self.rollbacks) < self.max_rollbacks:
+            self.rollback_due = True
+            return
+        used = f" after {len(self.rollbacks)} rollback(s) (train.max_rollbacks={self.max_rollbacks})" \
+            if self.action == "rollback" else ""
+        raise TrainingStopped(
+            f"{self.consecutive} consecutive optimizer steps had NaN/inf gradients (up to step {global_step + 1}, "
+            f"the last in the {bad})"
+            f"{used}; stopping. Resume from the last checkpoint with a lower optim.lr, gradient clipping "
+            f"(optim.max_grad_norm), train.mixed_precision=no or bf16, train.nonfinite_action=rollback, "
+            f"or check the data for broken images."
+        )
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the guard (JSON): counts, the LR scale, the data offset."""
+        return {"nonfinite_skips": self.skipped, "rollbacks": self.rollbacks, "lr_scale": self.lr_scale,
+                "data_offset": self.data_offset}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Resume the counts that ``state()`` saved (missing keys: a checkpoint from before them)."""
+        self.skipped = state.get("nonfinite_skips", 0)
+        self.rollbacks = list(state.get("rollbacks", []))
+        self.lr_scale = state.get("lr_scale", 1.0)
+        self.data_offset = state.get("data_offset", 0)
+
+
+def rollback(
+    accelerator: Accelerator,
+    output_dir: Path,
+    guard: NonFiniteGuard,
+    global_step: int,
+    samples_per_step: int,
+    optimizers: list[tuple[Any, Any]],
+    metrics_log: MetricsLog,
+    ema: Any = None,
+    model_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Reload the newest checkpoint after repeated NaN/inf steps, with lower learning rates.
+
+    Weights, optimizer moments, schedulers, RNG and EMA come back from the checkpoint;
+    every learning rate (optimizer and scheduler base) is multiplied so that the total
+    scale is ``guard.lr_scale x guard.lr_factor`` relative to the config; the data
+    stream is NOT rewound (the steps since the checkpoint consumed batches that are not
+    drawn again: ``guard.data_offset`` grows, and a resume honours it). ``metrics.jsonl``
+    loses the lines after the checkpoint's step (they are redone) and gains one line
+    ``{"event": "rollback", ...}``. Every process calls this.
+
+    Args:
+        global_step: optimizer steps done when the failure was declared.
+        samples_per_step: samples per process per optimizer step (batch x accumulation).
+        optimizers: ``(optimizer, lr_scheduler)`` pairs, as prepared.
+        ema, model_config: as ``load_checkpoint``.
+    Returns:
+        The checkpoint's ``state.json`` dict (its ``global_step`` is where the loop resumes).
+    Raises:
+        TrainingStopped: if there is no checkpoint to roll back to yet.
+    """
+    checkpoints = list_checkpoints(output_dir / "checkpoints")
+    if not checkpoints:
+        raise TrainingStopped(
+            f"{guard.consecutive} consecutive NaN/inf steps up to step {global_step} and no checkpoint yet to roll "
+            f"back to; lower optim.lr or train.checkpointing_steps and start again."
+        )
+    state = load_checkpoint(accelerator, checkpoints[-1], ema, model_config)
+    to_step = state["global_step"]
+    new_scale = guard.lr_scale * guard.lr_factor
+    ratio = new_scale / state.get("lr_scale", 1.0)  # the checkpoint's rates carry its own scale
+    for optimizer, scheduler in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] *= ratio
+        inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+        inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
+    guard.lr_scale = new_scale
+    guard.data_offset += (global_step - to_step) * samples_per_step
+    event = {"from_step": global_step, "to_step": to_step, "lr_scale": new_scale}
+    guard.rollbacks.append(event)
+    guard.consecutive, guard.rollback_due = 0, False
+    metrics_log.truncate(to_step)
+    metrics_log.write(to_step, {"event": "rollback", "rollback": len(guard.rollbacks), **event,
+                                "skipped_samples_per_process": (global_step - to_step) * samples_per_step})
+    logger.warning("rollback %d/%d: NaN/inf steps up to step %d; reloaded %s, learning rates x %.3g of the "
+                   "config's, data continues past the failed batches", len(guard.rollbacks), guard.max_rollbacks,
+                   global_step, checkpoints[-1], new_scale)
+    return state
 
 
 def resume_command() -> str:
@@ -482,3 +616,217 @@ def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     return out
+
+
+# ---------------------------------------------------------------- the loops' shared pieces
+
+
+def start_run(
+    train: Any, output_dir: str | os.PathLike, resume: str | None, overwrite: bool
+) -> tuple[Accelerator, Path, Path | None]:
+    """The first lines of both training loops: Accelerator, logging, threads, seed, run dir.
+
+    Args:
+        train: the run's ``train`` section (``autoencoderkl.config.LoopConfig``).
+        output_dir, resume, overwrite: as the loops' ``main``.
+    Returns:
+        ``(accelerator, output dir, checkpoint to resume from or None)``. Every process
+        is seeded with ``train.seed`` (identical initial weights); the loops reseed per
+        process before their first step.
+    Raises:
+        FileExistsError, FileNotFoundError: from ``prepare_output_dir`` / ``resolve_resume``.
+    """
+    accelerator = build_accelerator(output_dir, train.mixed_precision, train.gradient_accumulation_steps,
+                                    compile=train.compile)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    threads = set_cpu_threads(accelerator, train.cpu_threads)
+    logger.info("device %s, %d process(es), %d CPU threads each", accelerator.device, accelerator.num_processes, threads)
+    set_seed(train.seed)
+    out = Path(output_dir)
+    if accelerator.is_main_process:
+        prepare_output_dir(out, resume, overwrite)
+    accelerator.wait_for_everyone()
+    return accelerator, out, resolve_resume(out, resume)
+
+
+def open_logs(accelerator: Accelerator, cfg: Any, out: Path, notes: list[str], resume_step: int | None) -> MetricsLog:
+    """Write ``config.yaml``, start the tracker (main process) and open ``metrics.jsonl``.
+
+    Args:
+        cfg: the resolved config, saved as the run's ``config.yaml`` with ``notes``.
+        resume_step: the step resumed from (later lines of metrics.jsonl are dropped), or None.
+    """
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml", notes)
+        accelerator.init_trackers("tensorboard")
+    return MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_step)
+
+
+class _Indices(torch.utils.data.Sampler):
+    """``InfiniteSampler``'s ``(index, epoch)`` keys -> plain indices, for datasets without draws."""
+
+    def __init__(self, sampler: InfiniteSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[int]:
+        return (index for index, _ in self.sampler)
+
+
+def infinite_batches(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    num_workers: int,
+    accelerator: Accelerator,
+    seed: int,
+    start: int,
+    keys: str = "pairs",
+) -> Iterator[Any]:
+    """An endless, rank-sharded, resumable stream of batches (``InfiniteSampler`` + DataLoader).
+
+    Args:
+        dataset: a map-style dataset of ``len >= num_processes``.
+        batch_size: per process.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        seed: the sampler's seed (also seeds the DataLoader's own generator).
+        start: samples this process has consumed already (exact resume).
+        keys: ``"pairs"`` gives the dataset ``(index, epoch)`` keys (``ImageFolder``
+            draws its crop from them), ``"index"`` plain indices (``LatentDataset``).
+    Returns:
+        An iterator over collated batches; never ends.
+    """
+    sampler = InfiniteSampler(len(dataset), seed=seed, rank=accelerator.process_index,
+                              world_size=accelerator.num_processes, start=start)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler if keys == "pairs" else _Indices(sampler),
+        num_workers=num_workers, pin_memory=accelerator.device.type == "cuda", drop_last=True,
+        persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator draws a worker seed, which must not come
+        # from the global RNG that a resumed run has just restored.
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    optimizer: Any,
+    parameters: list[torch.nn.Parameter],
+    max_grad_norm: float | None,
+    guard: NonFiniteGuard | None,
+    name: str,
+) -> torch.Tensor | None:
+    """Unscale, clip, check and step ONE optimizer inside ``accelerator.accumulate``.
+
+    At a synchronising micro-batch: unscale this optimizer's gradients only (fp16), take
+    their global norm (clipped to ``max_grad_norm`` if given), skip the update when the
+    norm is not finite (``guard``); then ``step`` and ``zero_grad``, which accelerate makes
+    no-ops between synchronising micro-batches.
+
+    ``accelerator.clip_grad_norm_`` would unscale *every* prepared optimizer: with two
+    optimizers (autoencoder and discriminator) under fp16 and gradient accumulation, the
+    discriminator's gradients of the earlier micro-batches were divided by the loss scale
+    twice (~1/65536), training it on the last micro-batch alone.
+
+    Args:
+        optimizer: the prepared optimizer.
+        parameters: the parameters it updates (those with gradients are clipped).
+        max_grad_norm: clip threshold; None measures the norm only.
+        guard: the loop's ``NonFiniteGuard``, or None (fp16: the GradScaler skips).
+        name: the model's name for the guard's messages.
+    Returns:
+        The total gradient norm before clipping (a 0-d tensor), or None between
+        synchronising micro-batches.
+    """
+    grad_norm = None
+    if accelerator.sync_gradients:
+        accelerator.unscale_gradients(optimizer=optimizer)
+        # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or math.inf)
+        if guard is not None and not guard.check(grad_norm, name):
+            optimizer.zero_grad(set_to_none=True)  # Adam skips parameters without grads
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class LogWindow:
+    """Means over the optimizer steps since the last log line, for metrics.jsonl and the tracker.
+
+    Values may be python floats or 0-d tensors (kept on the device: no sync per step).
+    ``add`` weights a micro-batch's values by ``1 / gradient_accumulation_steps``, so a
+    line's ``loss`` is the mean over every micro-batch of the window, in both stages.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def add(self, values: dict[str, Any], weight: float = 1.0) -> None:
+        """Accumulate ``values`` x ``weight`` (``1 / accumulation`` per micro-batch)."""
+        for key, value in values.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
+
+    def end_step(self) -> None:
+        """Count one optimizer step."""
+        self.steps += 1
+
+    def restart_clock(self) -> None:
+        """Keep time spent outside training steps (validation, checkpoints) out of the rate."""
+        self.start = time.perf_counter()
+
+    def emit(self, accelerator: Accelerator, items_per_step: int, rate_key: str) -> dict[str, float]:
+        """The window's means (averaged over processes) and its rate; then start a new window.
+
+        Every process calls this.
+
+        Args:
+            items_per_step: items per optimizer step over all processes.
+            rate_key: the name of the rate, e.g. ``images_per_sec``.
+        Returns:
+            ``{key: mean over the window's steps}`` plus ``rate_key`` (items per second).
+        """
+        elapsed = time.perf_counter() - self.start
+        steps = max(self.steps, 1)
+        logs = reduce_mean(accelerator, {k: float(v) / steps for k, v in self.sums.items()})
+        logs[rate_key] = self.steps * items_per_step / elapsed if elapsed > 0 else 0.0
+        self.sums, self.steps = {}, 0
+        self.restart_clock()
+        return logs
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (log, validation, checkpoint) happens at ``step``."""
+    return step % every == 0 or step == last
+
+
+@contextmanager
+def ema_weights(ema: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Temporarily load the EMA weights into ``model`` (no-op when ``ema`` is None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
+
+
+def final_weights(model: Any, ema: Any) -> Any:
+    """The model to export: ``model`` itself, or a fresh copy holding the EMA weights.
+
+    Args:
+        model: a diffusers model (``from_config`` and ``config``), unwrapped.
+        ema: a diffusers ``EMAModel`` or None.
+    """
+    if ema is None:
+        return model
+    copy = type(model).from_config(model.config).to(next(model.parameters()).device)
+    ema.copy_to(copy.parameters())
+    return copy

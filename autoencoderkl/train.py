@@ -12,9 +12,7 @@ processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
 from __future__ import annotations
 
 import logging
-import math
 import re
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,13 +26,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from .config import VAEConfig, save_config
-from .data import ImageFolder, InfiniteSampler, demo_image_paths, list_images
+from .config import VAEConfig
+from .data import ImageFolder, demo_image_paths, list_images
 from .discriminator import NLayerDiscriminator
 from .losses import AutoencoderLoss, build_perceptual
 from .metrics import psnr_ssim_8bit
@@ -47,16 +44,19 @@ from .model import (
     load_vae,
 )
 from .run import (
-    MetricsLog,
+    LogWindow,
     NonFiniteGuard,
     StopSignals,
-    build_accelerator,
     checkpoint_or_stop,
+    due,
+    ema_weights,
+    final_weights,
+    infinite_batches,
     load_checkpoint,
-    prepare_output_dir,
-    reduce_mean,
-    resolve_resume,
-    set_cpu_threads,
+    open_logs,
+    optimizer_step,
+    rollback,
+    start_run,
 )
 
 logger = logging.getLogger(__name__)
@@ -152,29 +152,17 @@ def main(
     Returns:
         A summary: ``global_step``, ``first_val`` and ``last_val`` metrics (main process;
         None elsewhere, and ``first_val`` is None on resume), ``vae_dir``, ``is_main_process``,
-        and this process's trained (unwrapped) ``vae`` and ``discriminator`` modules.
+        ``nonfinite_skips`` and ``rollbacks`` (what the NaN guard did), and this process's
+        trained (unwrapped) ``vae`` and ``discriminator`` modules.
     Raises:
         FileExistsError: ``output_dir`` holds a run and neither resume nor overwrite.
         FileNotFoundError, ValueError: bad data folder, checkpoint or config values.
         RuntimeError: ``loss.perceptual_pretrained=true`` and no VGG16 weights.
+        TrainingStopped: a signal (after a checkpoint) or NaN/inf steps the guard gave up on.
     """
-    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
-                                    compile=cfg.train.compile)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    threads = set_cpu_threads(accelerator, cfg.train.cpu_threads)
-    logger.info("device %s, %d process(es), %d CPU threads each", accelerator.device, accelerator.num_processes, threads)
     # Same seed on every process while building (identical initial weights and LPIPS),
     # then a per-process seed for posterior noise in the loop.
-    set_seed(cfg.train.seed)
-
-    out = Path(output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume, overwrite)
-    accelerator.wait_for_everyone()
-    resume_path = resolve_resume(out, resume)
+    accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)
 
     # ---- model, loss, optimizers -------------------------------------------------
     if cfg.model.pretrained:
@@ -212,10 +200,11 @@ def main(
     params_g = [p for p in vae.parameters() if p.requires_grad]
     if cfg.loss.learn_logvar:
         params_g.append(loss_fn.logvar)
+    params_d = list(discriminator.parameters())
     adam = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     fused = cfg.optim.fused and accelerator.device.type == "cuda"
     opt_g = torch.optim.Adam(params_g, fused=fused, **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), fused=fused, **adam)
+    opt_d = torch.optim.Adam(params_d, fused=fused, **adam)
     # Stepped by hand once per optimizer step; prepared only so save_state checkpoints them.
     schedule = dict(num_warmup_steps=cfg.optim.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
     sched_g = get_scheduler(cfg.optim.lr_scheduler, opt_g, **schedule)
@@ -245,6 +234,7 @@ def main(
         ema.to(accelerator.device)
 
     # ---- resume -------------------------------------------------------------------
+    guard = NonFiniteGuard.for_run(cfg.train)  # None under fp16 (the GradScaler skips)
     # What a checkpoint's weights depend on; a resume with anything else is refused.
     checkpoint_model_config = {**OmegaConf.to_container(OmegaConf.structured(cfg.model)),
                                "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers}
@@ -254,37 +244,22 @@ def main(
         global_step = state["global_step"]
         with torch.no_grad():
             loss_fn.logvar.fill_(state["logvar"])
+        if guard is not None:
+            guard.restore(state)
         logger.info("resumed from %s at step %d", resume_path, global_step)
     else:
         set_seed(cfg.train.seed, device_specific=True)  # on resume, load_state restored each process's RNG
 
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml", notes)
-        accelerator.init_trackers("tensorboard")
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, global_step if resume_path else None)
-
+    metrics_log = open_logs(accelerator, cfg, out, notes, global_step if resume_path else None)
     samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
-    sampler = InfiniteSampler(
-        len(train_set), seed=cfg.train.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, start=global_step * samples_per_step,
-    )
-    loader = DataLoader(
-        train_set, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda", drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-        # Its own generator: creating the iterator draws a worker seed, which must not come
-        # from the global RNG that a resumed run has just restored for the posterior noise.
-        generator=torch.Generator().manual_seed(cfg.train.seed),
-    )
-    batches = iter(loader)
+    data_offset = guard.data_offset if guard is not None else 0
+    batches = infinite_batches(train_set, cfg.data.batch_size, cfg.data.num_workers, accelerator, cfg.train.seed,
+                               start=global_step * samples_per_step + data_offset)
 
     def run_validation(step: int) -> dict[str, float]:
-        """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png."""
-        if ema is not None:
-            ema.store(vae_unwrapped.parameters())
-            ema.copy_to(vae_unwrapped.parameters())
-        metrics, recs = validate(accelerator, vae_unwrapped, val_images, cfg.data.batch_size)
-        if ema is not None:
-            ema.restore(vae_unwrapped.parameters())
+        """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png (EMA weights if any)."""
+        with ema_weights(ema, vae_unwrapped):
+            metrics, recs = validate(accelerator, vae_unwrapped, val_images, cfg.data.batch_size)
         metrics_log.write(step, metrics)
         accelerator.log(metrics, step=step)
         save_grid(val_images, recs, out / "samples" / f"step-{step:07d}.png")
@@ -292,7 +267,8 @@ def main(
 
     def checkpoint_state() -> dict[str, Any]:
         """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
-        return {"logvar": loss_fn.logvar.item(), "model": checkpoint_model_config}
+        return {"logvar": loss_fn.logvar.item(), "model": checkpoint_model_config,
+                **(guard.state() if guard is not None else {})}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
@@ -308,13 +284,8 @@ def main(
     )
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train_vae", unit="step", dynamic_ncols=True)
-    logs: dict[str, float] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    # fp16's GradScaler already skips overflowing steps (and they are routine while it
-    # calibrates), so the guard watches fp32 and bf16 runs only.
-    guarded = cfg.train.mixed_precision != "fp16"
-    guard_g = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "autoencoder") if guarded else None
-    guard_d = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "discriminator") if guarded else None
+    window = LogWindow()
+    micro = 1.0 / cfg.train.gradient_accumulation_steps  # each micro-batch's share of a logged step
     # One LPIPS and one PatchGAN backward per step once the GAN is on (not under fp16: the
     # shared gradients would be taken before the GradScaler scales the loss).
     shared_backward = cfg.loss.shared_backward and cfg.train.mixed_precision != "fp16"
@@ -332,15 +303,9 @@ def main(
                         images, reconstructions, posterior, global_step, last_layer, disc_unwrapped, shared_backward
                     )
                 accelerator.backward(loss_g)
-                if accelerator.sync_gradients:
-                    if cfg.loss.learn_logvar and accelerator.num_processes > 1:
-                        loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
-                    # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
-                    grad_norm = accelerator.clip_grad_norm_(params_g, cfg.optim.max_grad_norm or math.inf)
-                    if guard_g is not None and not guard_g.check(grad_norm, global_step):
-                        opt_g.zero_grad(set_to_none=True)  # Adam skips parameters without grads
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients and cfg.loss.learn_logvar and accelerator.num_processes > 1:
+                    loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
+                grad_norm = optimizer_step(accelerator, opt_g, params_g, cfg.optim.max_grad_norm, guard, "autoencoder")
 
                 # Discriminator update on the detached reconstruction (silent before disc_start).
                 with accelerator.autocast():
@@ -348,17 +313,25 @@ def main(
                 logs.update(logs_d)
                 if loss_d.requires_grad:
                     accelerator.backward(loss_d)
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(discriminator.parameters(), cfg.optim.max_grad_norm or math.inf)
-                        if guard_d is not None and not guard_d.check(grad_norm, global_step):
-                            opt_d.zero_grad(set_to_none=True)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
+                    optimizer_step(accelerator, opt_d, params_d, cfg.optim.max_grad_norm, guard, "discriminator")
+                window.add(logs, micro)
 
             if not accelerator.sync_gradients:
                 continue
+            if guard is not None:
+                guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
+                if guard.rollback_due:
+                    state = rollback(accelerator, out, guard, global_step, samples_per_step,
+                                     [(opt_g, sched_g), (opt_d, sched_d)], metrics_log, ema, checkpoint_model_config)
+                    global_step = state["global_step"]
+                    with torch.no_grad():
+                        loss_fn.logvar.fill_(state["logvar"])
+                    progress.n = global_step
+                    window = LogWindow()
+                    continue
             global_step += 1
-            window_steps += 1
+            window.end_step()
+            window.add({"grad_norm": grad_norm})
             sched_g.step()
             with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -367,20 +340,17 @@ def main(
                 ema.step(vae_unwrapped.parameters())
             progress.update(1)
 
-            if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                logs = reduce_mean(accelerator, logs)
-                logs["images_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
+            if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
+                logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "images_per_sec")
                 logs["lr"] = opt_g.param_groups[0]["lr"]
-                if guarded:
-                    logs["nonfinite_skips"] = guard_g.skipped + guard_d.skipped
+                if guard is not None:
+                    logs.update(nonfinite_skips=guard.skipped, rollbacks=len(guard.rollbacks))
                 metrics_log.write(global_step, logs)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
                                      g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)
-                window_start, window_steps = time.perf_counter(), 0
 
-            if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
+            if due(global_step, cfg.train.validation_steps, cfg.train.max_steps):
                 if accelerator.is_main_process:
                     last_val = run_validation(global_step)
                     progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
@@ -388,19 +358,16 @@ def main(
 
             # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
             checkpoint_or_stop(accelerator, stop, out, global_step,
-                               global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps,
+                               due(global_step, cfg.train.checkpointing_steps, cfg.train.max_steps),
                                checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
-            if window_steps == 0:  # keep validation and checkpoint time out of images_per_sec
-                window_start = time.perf_counter()
+            if window.steps == 0:  # keep validation and checkpoint time out of images_per_sec
+                window.restart_clock()
     progress.close()
 
     # ---- export -------------------------------------------------------------------
     vae_dir = out / "vae"
     if accelerator.is_main_process:
-        final = vae_unwrapped
-        if ema is not None:
-            final = AutoencoderKL.from_config(vae_unwrapped.config).to(accelerator.device)
-            ema.copy_to(final.parameters())
+        final = final_weights(vae_unwrapped, ema)
         keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
         if not keep_latent_space:
             # Measured, never a hard-coded 0.18215; the latent cache re-measures it over
@@ -411,5 +378,5 @@ def main(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),
-            "is_main_process": accelerator.is_main_process, "vae": vae_unwrapped, "discriminator": disc_unwrapped}
-
+            "is_main_process": accelerator.is_main_process, "vae": vae_unwrapped, "discriminator": disc_unwrapped,
+            "nonfinite_skips": guard.skipped if guard else 0, "rollbacks": guard.rollbacks if guard else []}

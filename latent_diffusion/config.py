@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from autoencoderkl.config import merge_config
+from autoencoderkl.config import LOOP_CHOICES, LoopConfig, check_loop_config, merge_config
 
 # diffusers block names a UNet2DModel accepts (the rest are conditioning-specific).
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
@@ -113,39 +113,20 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The loop: steps, precision, EMA, checkpoints, sample grids."""
+class TrainConfig(LoopConfig):
+    """The stage-2 loop: ``autoencoderkl.config.LoopConfig`` plus EMA warm-up and sample grids."""
 
-    max_steps: int = 100_000  # optimizer steps (global_step counts these)
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
-    seed: int = 0
-    checkpointing_steps: int = 5000
-    checkpoints_total_limit: Optional[int] = 3  # keep the newest K; null keeps all
-    # Every N steps: a fixed-noise validation loss and samples/step-NNNNNNN.png (EMA weights).
-    validation_steps: int = 1000
-    num_validation_samples: int = 16  # images in each grid, from fixed seeds 0..N-1
-    validation_inference_steps: int = 50  # sampler steps for the grids
-    validation_guidance_scale: float = 1.0  # classifier-free guidance for the grids
-    log_steps: int = 10  # every N steps: a line in metrics.jsonl and TensorBoard
     use_ema: bool = True  # pipeline/ gets the EMA weights (diffusers EMAModel)
     ema_decay: float = 0.9999  # the EMA's decay (its maximum, with ema_warmup)
     # Ramp the decay up as 1 - (1 + step) ** -ema_power (diffusers' use_ema_warmup with
     # inv_gamma 1), capped at ema_decay, so short runs are not dominated by the init.
     ema_warmup: bool = True
     ema_power: float = 0.75
-    # Intra-op threads on CPU; null = this process's share of the cores.
-    cpu_threads: Optional[int] = None
-    # NaN/inf gradients skip that optimizer step (nonfinite_skips in metrics.jsonl); this
-    # many in a row stop the run with an error. fp16 runs leave that to the GradScaler.
-    max_consecutive_nonfinite: int = 5
-    # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
-    channels_last: bool = False  # NHWC U-Net and latents: faster convolutions on CUDA tensor cores
-    compile: bool = False  # torch.compile the U-Net for training (slow first steps)
-    allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
-    # Recompute activations in the backward pass: less memory, ~30% more compute; for
-    # large latents or U-Nets that do not fit otherwise.
-    gradient_checkpointing: bool = False
+    # Every train.validation_steps: a fixed-noise validation loss and a grid of
+    # samples (EMA weights), num_validation_samples images from fixed seeds 0..N-1.
+    num_validation_samples: int = 16
+    validation_inference_steps: int = 50  # sampler steps for the grids
+    validation_guidance_scale: float = 1.0  # classifier-free guidance for the grids
 
 
 @dataclass
@@ -164,8 +145,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "noise.prediction_type": ("epsilon", "v_prediction"),
     "noise.pipeline_scheduler": ("ddim", "ddpm"),
     "noise.timestep_spacing": ("trailing", "leading", "linspace"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
-    "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+    **LOOP_CHOICES,
 }
 
 
@@ -204,12 +184,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
             f"model.block_out_channels {m.block_out_channels} must be divisible by model.norm_num_groups="
             f"{m.norm_num_groups} and model.attention_head_dim={m.attention_head_dim}; {bad} are not"
         )
-    for key in ("data.batch_size", "train.max_steps", "train.gradient_accumulation_steps", "train.checkpointing_steps",
-                "train.validation_steps", "train.log_steps", "train.num_validation_samples",
-                "train.validation_inference_steps", "model.layers_per_block", "noise.num_train_timesteps"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ValueError(f"{key} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    check_loop_config(cfg, extra_positive=("train.num_validation_samples", "train.validation_inference_steps",
+                                            "model.layers_per_block", "noise.num_train_timesteps"))
     for key, value in (("model.label_dropout", m.label_dropout), ("model.dropout", m.dropout),
                        ("train.ema_decay", cfg.train.ema_decay)):
         if not 0.0 <= value < 1.0:
@@ -218,6 +194,4 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         raise ValueError(f"noise.snr_gamma must be > 0 (5 in Hang et al. 2023) or null, got {cfg.noise.snr_gamma}")
     if cfg.data.scaling_factor is not None and cfg.data.scaling_factor <= 0:
         raise ValueError(f"data.scaling_factor must be > 0 or null (the cache's), got {cfg.data.scaling_factor}")
-    if len(cfg.optim.betas) != 2:
-        raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     return cfg

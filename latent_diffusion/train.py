@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,25 +29,25 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from omegaconf import OmegaConf
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from autoencoderkl.atomic import atomic_path
-from autoencoderkl.config import save_config
-from autoencoderkl.data import InfiniteSampler
 from autoencoderkl.model import load_vae
 from autoencoderkl.run import (
-    MetricsLog,
+    LogWindow,
     NonFiniteGuard,
     StopSignals,
-    build_accelerator,
     checkpoint_or_stop,
+    due,
+    ema_weights,
+    final_weights,
+    infinite_batches,
     load_checkpoint,
-    prepare_output_dir,
-    reduce_mean,
-    resolve_resume,
-    set_cpu_threads,
+    open_logs,
+    optimizer_step,
+    rollback,
+    start_run,
 )
 
 from .config import LDMConfig
@@ -140,16 +139,6 @@ def drop_labels(labels: Tensor, null_index: int, p: float) -> Tensor:
         return labels
     drop = torch.rand(labels.shape, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_index), labels)
-
-
-class _Indices(torch.utils.data.Sampler):
-    """``InfiniteSampler``'s ``(index, epoch)`` keys -> plain indices for ``LatentDataset``."""
-
-    def __init__(self, sampler: InfiniteSampler):
-        self.sampler = sampler
-
-    def __iter__(self) -> Iterator[int]:
-        return (index for index, _ in self.sampler)
 
 
 def resolve_vae_path(cfg: LDMConfig, index: dict[str, Any]) -> str:
@@ -252,30 +241,18 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     Returns:
         A summary: ``global_step``, ``first_val_loss`` / ``last_val_loss`` (main process;
         None elsewhere, and first is None on resume), ``pipeline_dir``, ``is_main_process``,
-        and this process's trained (unwrapped) ``unet`` and ``ema`` (or None).
+        ``nonfinite_skips`` and ``rollbacks`` (what the NaN guard did), and this process's
+        trained (unwrapped) ``unet`` and ``ema`` (or None).
     Raises:
         FileExistsError: ``output_dir`` holds a run and neither resume nor overwrite.
         FileNotFoundError: a missing cache, VAE or checkpoint.
         ValueError: no ``data.latents``; no VAE; a cache made by another VAE; a latent
             shape the U-Net cannot take; a resume whose scaling differs from the cache's.
+        TrainingStopped: a signal (after a checkpoint) or NaN/inf steps the guard gave up on.
     """
     if not cfg.data.latents:
         raise ValueError("no latent cache: give --latents DIR (made by scripts/encode_latents.py) or data.latents=DIR")
-    accelerator = build_accelerator(output_dir, cfg.train.mixed_precision, cfg.train.gradient_accumulation_steps,
-                                    compile=cfg.train.compile)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if not accelerator.is_main_process:
-        logging.getLogger().setLevel(logging.WARNING)
-    threads = set_cpu_threads(accelerator, cfg.train.cpu_threads)
-    logger.info("device %s, %d process(es), %d CPU threads each", accelerator.device, accelerator.num_processes, threads)
-    set_seed(cfg.train.seed)  # identical initial weights on every process
-
-    out = Path(output_dir)
-    if accelerator.is_main_process:
-        prepare_output_dir(out, resume, overwrite)
-    accelerator.wait_for_everyone()
-    resume_path = resolve_resume(out, resume)
+    accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)  # same seed on every process
 
     # ---- frozen VAE and the latent cache ------------------------------------------
     index = load_index(cfg.data.latents)
@@ -315,6 +292,7 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
 
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     unet_unwrapped: UNet2DModel = accelerator.unwrap_model(unet)
+    params = list(unet_unwrapped.parameters())
     if ema is not None:
         ema.to(accelerator.device)
     sampler_scheduler = build_sampler(cfg.noise.pipeline_scheduler, noise_scheduler.config)
@@ -325,6 +303,7 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                                        cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None)
 
     # ---- resume -------------------------------------------------------------------
+    guard = NonFiniteGuard.for_run(cfg.train)  # None under fp16 (the GradScaler skips)
     checkpoint_model_config = OmegaConf.to_container(OmegaConf.structured(cfg.model))  # refused if it differs
     global_step = 0
     if resume_path is not None:
@@ -337,41 +316,33 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                 f"but the cache now gives {(scaling_factor, shift_factor)}; resume with "
                 f"data.scaling_factor={trained[0]} data.shift_factor={trained[1]}"
             )
+        if guard is not None:
+            guard.restore(state)
         logger.info("resumed from %s at step %d", resume_path, global_step)
     else:
         set_seed(cfg.train.seed, device_specific=True)  # on resume, load_state restored each process's RNG
 
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml", notes)
-        accelerator.init_trackers("tensorboard")
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, global_step if resume_path else None)
-
+    metrics_log = open_logs(accelerator, cfg, out, notes, global_step if resume_path else None)
     samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
-    sampler = InfiniteSampler(len(dataset), seed=cfg.train.seed, rank=accelerator.process_index,
-                              world_size=accelerator.num_processes, start=global_step * samples_per_step)
-    loader = DataLoader(
-        dataset, batch_size=cfg.data.batch_size, sampler=_Indices(sampler), num_workers=cfg.data.num_workers,
-        pin_memory=accelerator.device.type == "cuda", drop_last=True, persistent_workers=cfg.data.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.train.seed),  # not the global RNG a resume restored
-    )
-    batches = iter(loader)
+    data_offset = guard.data_offset if guard is not None else 0
+    batches = infinite_batches(dataset, cfg.data.batch_size, cfg.data.num_workers, accelerator, cfg.train.seed,
+                               start=global_step * samples_per_step + data_offset, keys="index")
 
     def run_validation(step: int) -> float:
         """Main process, EMA weights: val/loss in metrics.jsonl + TensorBoard, samples/step-NNNNNNN.png."""
-        if ema is not None:
-            ema.store(unet_unwrapped.parameters())
-            ema.copy_to(unet_unwrapped.parameters())
-        val_loss = validation_loss(unet_unwrapped, noise_scheduler, val_batch, cfg.data.batch_size, accelerator.autocast)
-        sample_grid(pipeline, cfg.train.num_validation_samples, cfg.train.validation_inference_steps,
-                    cfg.train.validation_guidance_scale, out / "samples" / f"step-{step:07d}.png")
-        if ema is not None:
-            ema.restore(unet_unwrapped.parameters())
+        with ema_weights(ema, unet_unwrapped):
+            val_loss = validation_loss(unet_unwrapped, noise_scheduler, val_batch, cfg.data.batch_size,
+                                       accelerator.autocast)
+            sample_grid(pipeline, cfg.train.num_validation_samples, cfg.train.validation_inference_steps,
+                        cfg.train.validation_guidance_scale, out / "samples" / f"step-{step:07d}.png")
         metrics_log.write(step, {"val/loss": val_loss})
         accelerator.log({"val/loss": val_loss}, step=step)
         return val_loss
 
-    # The scalars a checkpoint keeps beside Accelerate's state (state.json).
-    checkpoint_state = {"scaling_factor": scaling_factor, "shift_factor": shift_factor, "model": checkpoint_model_config}
+    def checkpoint_state() -> dict[str, Any]:
+        """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
+        return {"scaling_factor": scaling_factor, "shift_factor": shift_factor, "model": checkpoint_model_config,
+                **(guard.state() if guard is not None else {})}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
@@ -380,7 +351,7 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     accelerator.wait_for_everyone()
 
     # ---- loop ---------------------------------------------------------------------
-    n_params = sum(p.numel() for p in unet_unwrapped.parameters())
+    n_params = sum(p.numel() for p in params)
     logger.info(
         "training a %.2fM-parameter UNet2DModel (%s) for %d steps, %d latents per step over %d process(es)",
         n_params / 1e6, f"{num_classes} classes + null" if num_classes else "unconditional", cfg.train.max_steps,
@@ -388,10 +359,8 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     )
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train_ldm", unit="step", dynamic_ncols=True)
-    loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None  # a tensor: no sync per step
-    window_start, window_steps = time.perf_counter(), 0
-    # fp16's GradScaler already skips overflowing steps, routinely while it calibrates.
-    guard = NonFiniteGuard(cfg.train.max_consecutive_nonfinite, "U-Net") if cfg.train.mixed_precision != "fp16" else None
+    window = LogWindow()
+    micro = 1.0 / cfg.train.gradient_accumulation_steps  # each micro-batch's share of a logged step
     with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(unet):
@@ -404,43 +373,40 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                 with accelerator.autocast():
                     loss = diffusion_loss(unet, noise_scheduler, latents, labels, cfg.noise.snr_gamma)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm or math.inf)
-                    if guard is not None and not guard.check(grad_norm, global_step):
-                        optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without grads
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach() / cfg.train.gradient_accumulation_steps
+                grad_norm = optimizer_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, guard, "U-Net")
+                window.add({"loss": loss}, micro)  # a tensor: no device sync per step
 
             if not accelerator.sync_gradients:
                 continue
+            if guard is not None:
+                guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
+                if guard.rollback_due:
+                    global_step = rollback(accelerator, out, guard, global_step, samples_per_step,
+                                           [(optimizer, lr_scheduler)], metrics_log, ema,
+                                           checkpoint_model_config)["global_step"]
+                    progress.n = global_step
+                    window = LogWindow()
+                    continue
             global_step += 1
-            window_steps += 1
+            window.end_step()
+            window.add({"grad_norm": grad_norm})
             lr_scheduler.step()
             if ema is not None:
-                ema.step(unet_unwrapped.parameters())
+                ema.step(params)
             progress.update(1)
 
-            if global_step % cfg.train.log_steps == 0 or global_step == cfg.train.max_steps:
-                elapsed = time.perf_counter() - window_start
-                logs = {"loss": loss_sum.item() / window_steps}  # mean over the optimizer steps since the last line
-                if grad_norm is not None:
-                    logs["grad_norm"] = float(grad_norm)
-                if guard is not None:
-                    logs["nonfinite_skips"] = guard.skipped
-                logs = reduce_mean(accelerator, logs)
-                logs["latents_per_sec"] = window_steps * samples_per_step * accelerator.num_processes / elapsed
+            if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
+                logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "latents_per_sec")
                 logs["lr"] = optimizer.param_groups[0]["lr"]
+                if guard is not None:
+                    logs.update(nonfinite_skips=guard.skipped, rollbacks=len(guard.rollbacks))
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
                 metrics_log.write(global_step, logs)
                 accelerator.log(logs, step=global_step)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
-                loss_sum.zero_()
-                window_start, window_steps = time.perf_counter(), 0
 
-            if global_step % cfg.train.validation_steps == 0 or global_step == cfg.train.max_steps:
+            if due(global_step, cfg.train.validation_steps, cfg.train.max_steps):
                 if accelerator.is_main_process:
                     last_val = run_validation(global_step)
                     progress.write(f"step {global_step}: validation loss {last_val:.4f}")
@@ -448,21 +414,17 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
 
             # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
             checkpoint_or_stop(accelerator, stop, out, global_step,
-                               global_step % cfg.train.checkpointing_steps == 0 or global_step == cfg.train.max_steps,
-                               lambda: checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
-            if window_steps == 0:  # keep validation and checkpoint time out of latents_per_sec
-                window_start = time.perf_counter()
+                               due(global_step, cfg.train.checkpointing_steps, cfg.train.max_steps),
+                               checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
+            if window.steps == 0:  # keep validation and checkpoint time out of latents_per_sec
+                window.restart_clock()
     progress.close()
 
     # ---- export -------------------------------------------------------------------
     pipeline_dir = out / "pipeline"
     if accelerator.is_main_process:
-        final_unet = unet_unwrapped
-        if ema is not None:
-            final_unet = UNet2DModel.from_config(unet_unwrapped.config).to(accelerator.device)
-            ema.copy_to(final_unet.parameters())
-        export = LatentDiffusionPipeline(final_unet.eval(), build_sampler(cfg.noise.pipeline_scheduler,
-                                                                          noise_scheduler.config),
+        export = LatentDiffusionPipeline(final_weights(unet_unwrapped, ema).eval(),
+                                         build_sampler(cfg.noise.pipeline_scheduler, noise_scheduler.config),
                                          vae.eval(), class_names=pipeline.config.class_names)
         save_pipeline(export, pipeline_dir)
         logger.info("exported %s (%s scheduler; vae scaling_factor %.6g, shift_factor %.6g)", pipeline_dir,
@@ -471,4 +433,5 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     accelerator.end_training()
     return {"global_step": global_step, "first_val_loss": first_val, "last_val_loss": last_val,
             "pipeline_dir": str(pipeline_dir), "is_main_process": accelerator.is_main_process,
-            "unet": unet_unwrapped, "ema": ema}
+            "unet": unet_unwrapped, "ema": ema, "nonfinite_skips": guard.skipped if guard else 0,
+            "rollbacks": guard.rollbacks if guard else []}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,17 @@ def tiny_overrides(photo_dir: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """The command prefix that starts ``nproc`` local processes (gloo on CPU) on a free port.
+
+    A fixed ``--master_port`` collides when two test runs share a machine.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
 
 
 def reset_accelerate_state() -> None:

@@ -87,7 +87,7 @@ def test_one_nan_loss_skips_one_step_and_is_counted(photo_dir, tmp_path, monkeyp
 
 def test_nan_loss_every_step_stops_the_run_with_a_clear_message(photo_dir, tmp_path, monkeypatch):
     inject_into_generator_loss(monkeypatch, lambda step, loss: loss * math.nan if step >= 1 else loss)
-    with pytest.raises(TrainingStopped, match=r"3 consecutive optimizer steps of the autoencoder had NaN/inf gradients \(up to step 4\)"):
+    with pytest.raises(TrainingStopped, match=r"3 consecutive optimizer steps had NaN/inf gradients \(up to step 4, the last in the autoencoder \(nan\)\)"):
         run(photo_dir, tmp_path / "run", **{"train.max_consecutive_nonfinite": 3})
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from autoencoderkl.config import load_config
 from autoencoderkl.train import main
-from conftest import reset_accelerate_state, tiny_overrides
+from conftest import reset_accelerate_state, tiny_overrides, torchrun
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_two_process_run_ends_with_identical_weights_on_both_ranks(photo_dir, tm
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [*torchrun(2),
          str(driver), str(out), str(photo_dir), str(Path(__file__).parent)],
         capture_output=True, text=True, timeout=240, env=env,
     )
