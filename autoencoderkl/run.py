@@ -542,7 +542,8 @@ def rollback(
     ``{"event": "rollback", ...}``. Every process calls this.
 
     Args:
-        global_step: optimizer steps done when the failure was declared.
+        global_step: optimizer steps done before the step whose failure was the last straw
+            (that step, ``global_step + 1``, consumed its batches too).
         samples_per_step: samples per process per optimizer step (batch x accumulation).
         optimizers: ``(optimizer, lr_scheduler)`` pairs, as prepared.
         ema, model_config: as ``load_checkpoint``.
@@ -567,16 +568,17 @@ def rollback(
         inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
         inner.base_lrs = [lr * ratio for lr in inner.base_lrs]
     guard.lr_scale = new_scale
-    guard.data_offset += (global_step - to_step) * samples_per_step
-    event = {"from_step": global_step, "to_step": to_step, "lr_scale": new_scale}
+    failed_step = global_step + 1
+    guard.data_offset += (failed_step - to_step) * samples_per_step
+    event = {"from_step": failed_step, "to_step": to_step, "lr_scale": new_scale}
     guard.rollbacks.append(event)
     guard.consecutive, guard.rollback_due = 0, False
     metrics_log.truncate(to_step)
     metrics_log.write(to_step, {"event": "rollback", "rollback": len(guard.rollbacks), **event,
-                                "skipped_samples_per_process": (global_step - to_step) * samples_per_step})
+                                "skipped_samples_per_process": (failed_step - to_step) * samples_per_step})
     logger.warning("rollback %d/%d: NaN/inf steps up to step %d; reloaded %s, learning rates x %.3g of the "
                    "config's, data continues past the failed batches", len(guard.rollbacks), guard.max_rollbacks,
-                   global_step, checkpoints[-1], new_scale)
+                   failed_step, checkpoints[-1], new_scale)
     return state
 
 

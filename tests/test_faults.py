@@ -91,6 +91,72 @@ def test_nan_loss_every_step_stops_the_run_with_a_clear_message(photo_dir, tmp_p
         run(photo_dir, tmp_path / "run", **{"train.max_consecutive_nonfinite": 3})
 
 
+def transient_nans(bad_calls: set[int]):
+    """A generator-loss fault: NaN on the given calls (1-based), whatever the step."""
+    calls = []
+
+    def fault(global_step, loss):
+        calls.append(global_step)
+        return loss * math.nan if len(calls) in bad_calls else loss
+
+    return fault
+
+
+ROLLBACK = {"train.max_steps": 6, "train.nonfinite_action": "rollback", "train.max_consecutive_nonfinite": 2,
+            "train.checkpointing_steps": 2, "train.checkpoints_total_limit": "null"}
+
+
+def test_rollback_after_nans_in_a_row_reloads_lowers_the_lr_skips_the_batches_and_finishes(photo_dir, tmp_path, monkeypatch):
+    inject_into_generator_loss(monkeypatch, transient_nans({4, 5}))  # steps 4 and 5 go NaN
+    out = tmp_path / "run"
+    summary = run(photo_dir, out, **ROLLBACK)
+    assert summary["global_step"] == 6
+    assert summary["rollbacks"] == [{"from_step": 5, "to_step": 4, "lr_scale": 0.5}]
+    assert summary["nonfinite_skips"] == 2
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]  # each step once
+    [event] = [r for r in records if r.get("event") == "rollback"]
+    assert event["step"] == 4 and event["skipped_samples_per_process"] == 2  # step 5's batch is not drawn again
+    last = next(r for r in records if r["step"] == 6 and "loss" in r)
+    assert last["lr"] == pytest.approx(0.5 * 1e-3) and last["rollbacks"] == 1
+    state = json.loads((out / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["lr_scale"] == 0.5 and state["data_offset"] == 2 and len(state["rollbacks"]) == 1
+    assert all(torch.isfinite(t).all() for t in weights(out, 6).values())
+
+
+def test_a_run_resumed_after_a_rollback_matches_one_that_was_not_interrupted(photo_dir, tmp_path, monkeypatch):
+    """The lowered learning rate and the skipped batches survive a checkpoint and resume."""
+    inject_into_generator_loss(monkeypatch, transient_nans({4, 5}))
+    straight = tmp_path / "straight"
+    run(photo_dir, straight, **ROLLBACK)
+    reset_accelerate_state()
+
+    nans, calls = transient_nans({4, 5}), []
+
+    def nans_then_sigterm(global_step, loss):
+        calls.append(global_step)
+        if len(calls) == 6:  # step 5 again, after the rollback
+            os.kill(os.getpid(), signal.SIGTERM)
+        return nans(global_step, loss)
+
+    inject_into_generator_loss(monkeypatch, nans_then_sigterm)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at step 5"):
+        run(photo_dir, stopped, **ROLLBACK)
+    monkeypatch.undo()
+    reset_accelerate_state()
+    assert run(photo_dir, stopped, resume="latest", **ROLLBACK)["global_step"] == 6
+    want, got = weights(straight, 6), weights(stopped, 6)
+    assert all(torch.equal(want[k], got[k]) for k in want), "the resumed run forgot the rollback's LR or data offset"
+
+
+def test_rollback_gives_up_after_max_rollbacks(photo_dir, tmp_path, monkeypatch):
+    inject_into_generator_loss(monkeypatch, lambda step, loss: loss * math.nan if step >= 2 else loss)
+    with pytest.raises(TrainingStopped, match=r"after 1 rollback\(s\) \(train.max_rollbacks=1\)"):
+        run(photo_dir, tmp_path / "run", **{**ROLLBACK, "train.max_rollbacks": 1})
+
+
 # --- SIGKILL: a process that dies without warning loses at most the steps since its
 # --- last complete checkpoint, and never resumes from a half-written one.
 

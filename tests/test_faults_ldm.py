@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -100,6 +101,22 @@ def test_nan_once_is_skipped_and_nan_always_stops(cache, tmp_path, monkeypatch):
     inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan)
     with pytest.raises(TrainingStopped, match=r"2 consecutive optimizer steps had NaN/inf gradients \(up to step \d+, the last in the U-Net"):
         run(cache, tmp_path / "always", **{"train.max_consecutive_nonfinite": 2})
+
+
+def test_rollback_after_nans_in_a_row_finishes_the_run_with_the_counts(cache, tmp_path, monkeypatch):
+    inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan if i in (3, 4) else loss)  # steps 4 and 5
+    out = tmp_path / "run"
+    summary = run(cache, out, **{"train.max_steps": 6, "train.nonfinite_action": "rollback",
+                                 "train.max_consecutive_nonfinite": 2, "train.checkpointing_steps": 2,
+                                 "optim.lr_scheduler": "constant", "train.validation_steps": 100})
+    assert summary["global_step"] == 6 and summary["nonfinite_skips"] == 2
+    assert summary["rollbacks"] == [{"from_step": 5, "to_step": 4, "lr_scale": 0.5}]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if r.get("event") == "rollback"] == [4]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert lrs[6] == pytest.approx(0.5 * lrs[3])
+    assert all(torch.isfinite(t).all() for t in unet_weights(out, 6).values())
 
 
 # Runs scripts/train_ldm.py, SIGKILLing itself while writing the step-KILL_AT_CHECKPOINT

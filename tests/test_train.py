@@ -170,3 +170,65 @@ def test_channels_last_and_gradient_checkpointing_train_the_same_model(photo_dir
             # noise into full-size steps of either sign. Any layout change moves it.
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} differs: {m}")
+
+
+def fp16_loss_scaling(monkeypatch, scale: float) -> None:
+    """Make the next run's Accelerator behave as fp16 on a GPU, minus the fp16 arithmetic.
+
+    CPUs get no GradScaler from accelerate, so one is put in: accelerate's fp16 mode (which
+    unscales in clip_grad_norm_ and unscale_gradients), a GradScaler with ``scale``, and
+    autocast disabled, so that a power-of-two scale changes no value (x 2^k is exact).
+    """
+    import autoencoderkl.run as run_module
+    from accelerate.utils import AutocastKwargs
+
+    build = run_module.build_accelerator
+
+    def with_scaler(output_dir, mixed_precision, accumulation, compile=False):
+        accelerator = build(output_dir, "fp16", accumulation, compile=compile)
+        accelerator.native_amp = True
+        accelerator.autocast_handler = AutocastKwargs(enabled=False)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        return accelerator
+
+    monkeypatch.setattr(run_module, "build_accelerator", with_scaler)
+
+
+def test_fp16_gradient_accumulation_trains_both_models_on_every_micro_batch(photo_dir, tmp_path, monkeypatch):
+    """Loss scaling must not change what is learnt: scale 2^10 == scale 1, with A = 2 and the GAN on.
+
+    accelerate's clip_grad_norm_ unscales every prepared optimizer, so clipping the
+    autoencoder's gradients also unscaled the discriminator's half-accumulated ones, which
+    were unscaled again at its own step: its first micro-batch weighed 2^-10 here.
+    """
+    extra = {"train.gradient_accumulation_steps": 2, "loss.disc_start": 0, "loss.shared_backward": "false",
+             "train.max_steps": 2, "train.validation_steps": 100, "train.checkpointing_steps": 100}
+    finals = {}
+    for scale in (1.0, 2.0**10):
+        reset_accelerate_state()
+        fp16_loss_scaling(monkeypatch, scale)
+        summary = run(photo_dir, tmp_path / f"scale{scale:g}", **extra)
+        finals[scale] = {"vae": summary["vae"].state_dict(), "discriminator": summary["discriminator"].state_dict()}
+    for model in ("vae", "discriminator"):
+        want, got = finals[1.0][model], finals[2.0**10][model]
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=f"{model}.{key} depends on the loss scale")
+
+
+def test_logged_losses_are_means_over_every_micro_batch_of_the_window(photo_dir, tmp_path, monkeypatch):
+    from autoencoderkl.losses import AutoencoderLoss
+
+    seen, original = [], AutoencoderLoss.generator_loss
+
+    def recording(self, *args, **kwargs):
+        loss, logs = original(self, *args, **kwargs)
+        seen.append(logs["rec_loss"])
+        return loss, logs
+
+    monkeypatch.setattr(AutoencoderLoss, "generator_loss", recording)
+    out = tmp_path / "run"
+    run(photo_dir, out, **{"train.gradient_accumulation_steps": 2, "train.log_steps": 2, "train.max_steps": 4})
+    logged = [r["rec_loss"] for r in read_metrics(out) if "rec_loss" in r]
+    assert len(seen) == 8 and len(logged) == 2  # 4 steps x 2 micro-batches; a line every 2 steps
+    assert logged == pytest.approx([sum(seen[:4]) / 4, sum(seen[4:]) / 4], rel=1e-6)
+    assert logged[1] != pytest.approx(seen[-1], rel=1e-6)  # not the last micro-batch alone
