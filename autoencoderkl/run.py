@@ -201,11 +201,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    accelerator: Accelerator, path: Path, ema: Any = None, model_config: dict[str, Any] | None = None
+    accelerator: Accelerator, path: Path, ema: Any = None, model_config: dict[str, Any] | None = None,
+    guard: NonFiniteGuard | None = None,
 ) -> dict[str, Any]:
     """Restore what ``save_checkpoint`` wrote; returns ``state.json`` as a dict.
 
     Args:
+        guard: the loop's ``NonFiniteGuard``, given its saved counts, LR scale and data offset.
         model_config: this run's model section (as saved under ``state["model"]`` by
             ``save_checkpoint`` callers); checked against the checkpoint's before any
             weight is loaded, so a mismatch reads as a config error, not a tensor-shape one.
@@ -229,6 +231,9 @@ def load_checkpoint(
         shadow = [tensors[k] for k in sorted(tensors)]
         ema.load_state_dict({**state["ema"], "shadow_params": shadow})
         ema.to(accelerator.device)
+    if guard is not None:
+        guard.restore(state)
+    logger.info("resumed from %s at step %d", path, state["global_step"])
     return state
 
 
@@ -426,6 +431,8 @@ class NonFiniteGuard:
     Args:
         max_consecutive: K, consecutive non-finite steps that trigger ``action``.
         action: ``"stop"`` or ``"rollback"`` (``train.nonfinite_action``).
+        enabled: False makes ``check`` pass everything (fp16 runs: the GradScaler skips
+            overflowing steps itself); the rollback bookkeeping stays (all zero).
         max_rollbacks: rollbacks allowed; the next failure stops the run.
         lr_factor: learning rates x this at each rollback (``train.rollback_lr_factor``).
     Attributes:
@@ -440,12 +447,13 @@ class NonFiniteGuard:
         ValueError: on ``max_consecutive < 1`` or an unknown ``action``.
     """
 
-    def __init__(self, max_consecutive: int, action: str = "stop", max_rollbacks: int = 0, lr_factor: float = 0.5):
+    def __init__(self, max_consecutive: int, action: str = "stop", max_rollbacks: int = 0, lr_factor: float = 0.5,
+                 enabled: bool = True):
         if max_consecutive < 1:
             raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
         if action not in ("stop", "rollback"):
             raise ValueError(f"action must be 'stop' or 'rollback', got {action!r}")
-        self.max_consecutive, self.action = max_consecutive, action
+        self.max_consecutive, self.action, self.enabled = max_consecutive, action, enabled
         self.max_rollbacks, self.lr_factor = max_rollbacks, lr_factor
         self.skipped = self.consecutive = 0
         self.rollback_due = False
@@ -454,16 +462,14 @@ class NonFiniteGuard:
         self._bad: list[str] = []
 
     @classmethod
-    def for_run(cls, train: Any) -> NonFiniteGuard | None:
-        """The guard a run's ``train`` section (``LoopConfig``) asks for; None under fp16.
+    def for_run(cls, train: Any) -> NonFiniteGuard:
+        """The guard a run's ``train`` section (``LoopConfig``) asks for; disabled under fp16.
 
         fp16's GradScaler already skips overflowing steps (routinely while it calibrates
         its scale), so the guard watches fp32 and bf16 runs only.
         """
-        if train.mixed_precision == "fp16":
-            return None
         return cls(train.max_consecutive_nonfinite, train.nonfinite_action, train.max_rollbacks,
-                   train.rollback_lr_factor)
+                   train.rollback_lr_factor, enabled=train.mixed_precision != "fp16")
 
     def check(self, grad_norm: torch.Tensor | float, name: str) -> bool:
         """True if this optimizer's step may go ahead; False to skip it (the caller zeroes its grads).
@@ -472,7 +478,7 @@ class NonFiniteGuard:
             grad_norm: the total gradient norm of this optimizer's parameters (any device).
             name: the model it belongs to, for messages.
         """
-        if bool(torch.isfinite(torch.as_tensor(grad_norm))):
+        if not self.enabled or bool(torch.isfinite(torch.as_tensor(grad_norm))):
             return True
         self._bad.append(f"{name} ({float(grad_norm)})")
         return False
@@ -530,6 +536,8 @@ def rollback(
     metrics_log: MetricsLog,
     ema: Any = None,
     model_config: dict[str, Any] | None = None,
+    window: LogWindow | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """Reload the newest checkpoint after repeated NaN/inf steps, with lower learning rates.
 
@@ -547,6 +555,8 @@ def rollback(
         samples_per_step: samples per process per optimizer step (batch x accumulation).
         optimizers: ``(optimizer, lr_scheduler)`` pairs, as prepared.
         ema, model_config: as ``load_checkpoint``.
+        window: the loop's ``LogWindow``, emptied (its steps are redone).
+        progress: the loop's tqdm bar, set back to the checkpoint's step.
     Returns:
         The checkpoint's ``state.json`` dict (its ``global_step`` is where the loop resumes).
     Raises:
@@ -573,6 +583,10 @@ def rollback(
     event = {"from_step": failed_step, "to_step": to_step, "lr_scale": new_scale}
     guard.rollbacks.append(event)
     guard.consecutive, guard.rollback_due = 0, False
+    if window is not None:
+        window.reset()
+    if progress is not None:
+        progress.n = to_step
     metrics_log.truncate(to_step)
     metrics_log.write(to_step, {"event": "rollback", "rollback": len(guard.rollbacks), **event,
                                 "skipped_samples_per_process": (failed_step - to_step) * samples_per_step})
@@ -717,7 +731,7 @@ def optimizer_step(
     optimizer: Any,
     parameters: list[torch.nn.Parameter],
     max_grad_norm: float | None,
-    guard: NonFiniteGuard | None,
+    guard: NonFiniteGuard,
     name: str,
 ) -> torch.Tensor | None:
     """Unscale, clip, check and step ONE optimizer inside ``accelerator.accumulate``.
@@ -736,7 +750,7 @@ def optimizer_step(
         optimizer: the prepared optimizer.
         parameters: the parameters it updates (those with gradients are clipped).
         max_grad_norm: clip threshold; None measures the norm only.
-        guard: the loop's ``NonFiniteGuard``, or None (fp16: the GradScaler skips).
+        guard: the loop's ``NonFiniteGuard``.
         name: the model's name for the guard's messages.
     Returns:
         The total gradient norm before clipping (a 0-d tensor), or None between
@@ -747,7 +761,7 @@ def optimizer_step(
         accelerator.unscale_gradients(optimizer=optimizer)
         # max_norm inf: the norm only (grads are multiplied by exactly 1.0).
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or math.inf)
-        if guard is not None and not guard.check(grad_norm, name):
+        if not guard.check(grad_norm, name):
             optimizer.zero_grad(set_to_none=True)  # Adam skips parameters without grads
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -773,9 +787,16 @@ class LogWindow:
             value = value.detach() if isinstance(value, torch.Tensor) else float(value)
             self.sums[key] = self.sums.get(key, 0.0) + value * weight
 
-    def end_step(self) -> None:
-        """Count one optimizer step."""
+    def end_step(self, grad_norm: torch.Tensor | None = None) -> None:
+        """Count one optimizer step (and average its gradient norm, when given, as ``grad_norm``)."""
         self.steps += 1
+        if grad_norm is not None:
+            self.add({"grad_norm": grad_norm})
+
+    def reset(self) -> None:
+        """Forget the window (a rollback redoes its steps)."""
+        self.sums, self.steps = {}, 0
+        self.restart_clock()
 
     def restart_clock(self) -> None:
         """Keep time spent outside training steps (validation, checkpoints) out of the rate."""
@@ -796,9 +817,54 @@ class LogWindow:
         steps = max(self.steps, 1)
         logs = reduce_mean(accelerator, {k: float(v) / steps for k, v in self.sums.items()})
         logs[rate_key] = self.steps * items_per_step / elapsed if elapsed > 0 else 0.0
-        self.sums, self.steps = {}, 0
-        self.restart_clock()
+        self.reset()
         return logs
+
+
+def validate_and_checkpoint(
+    accelerator: Accelerator,
+    train: Any,
+    stop: StopSignals,
+    output_dir: Path,
+    global_step: int,
+    run_validation: Callable[[int], Any],
+    checkpoint_state: Callable[[], dict[str, Any]],
+    ema: Any,
+    progress: Any,
+    window: LogWindow,
+) -> Any:
+    """The end of an optimizer step in both loops: validation, then a checkpoint, when due.
+
+    Validation runs on the main process every ``train.validation_steps`` (and at the
+    last step); then ``checkpoint_or_stop`` (a checkpoint when due, or after a signal one
+    and ``TrainingStopped``). Time spent here is kept out of the log window's rate when
+    the window has just started. Every process calls this.
+
+    Returns:
+        What ``run_validation`` returned, or None when it did not run here.
+    """
+    result = None
+    if due(global_step, train.validation_steps, train.max_steps):
+        if accelerator.is_main_process:
+            result = run_validation(global_step)
+        accelerator.wait_for_everyone()
+    checkpoint_or_stop(accelerator, stop, output_dir, global_step,
+                       due(global_step, train.checkpointing_steps, train.max_steps), checkpoint_state, ema,
+                       train.checkpoints_total_limit, progress)
+    if window.steps == 0:  # keep validation and checkpoint time out of the next window's rate
+        window.restart_clock()
+    return result
+
+
+def write_logs(
+    accelerator: Accelerator, metrics_log: MetricsLog, global_step: int, logs: dict[str, float],
+    guard: NonFiniteGuard,
+) -> None:
+    """One log line: ``logs`` plus the guard's counts (unless disabled), to metrics.jsonl and the tracker."""
+    if guard.enabled:
+        logs.update(nonfinite_skips=guard.skipped, rollbacks=len(guard.rollbacks))
+    metrics_log.write(global_step, logs)
+    accelerator.log(logs, step=global_step)
 
 
 def due(step: int, every: int, last: int) -> bool:

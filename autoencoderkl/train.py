@@ -47,7 +47,6 @@ from .run import (
     LogWindow,
     NonFiniteGuard,
     StopSignals,
-    checkpoint_or_stop,
     due,
     ema_weights,
     final_weights,
@@ -57,6 +56,8 @@ from .run import (
     optimizer_step,
     rollback,
     start_run,
+    validate_and_checkpoint,
+    write_logs,
 )
 
 logger = logging.getLogger(__name__)
@@ -234,27 +235,23 @@ def main(
         ema.to(accelerator.device)
 
     # ---- resume -------------------------------------------------------------------
-    guard = NonFiniteGuard.for_run(cfg.train)  # None under fp16 (the GradScaler skips)
+    guard = NonFiniteGuard.for_run(cfg.train)  # disabled under fp16 (the GradScaler skips)
     # What a checkpoint's weights depend on; a resume with anything else is refused.
     checkpoint_model_config = {**OmegaConf.to_container(OmegaConf.structured(cfg.model)),
                                "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers}
     global_step = 0
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, ema, model_config=checkpoint_model_config)
+        state = load_checkpoint(accelerator, resume_path, ema, checkpoint_model_config, guard)
         global_step = state["global_step"]
         with torch.no_grad():
             loss_fn.logvar.fill_(state["logvar"])
-        if guard is not None:
-            guard.restore(state)
-        logger.info("resumed from %s at step %d", resume_path, global_step)
     else:
         set_seed(cfg.train.seed, device_specific=True)  # on resume, load_state restored each process's RNG
 
     metrics_log = open_logs(accelerator, cfg, out, notes, global_step if resume_path else None)
     samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
-    data_offset = guard.data_offset if guard is not None else 0
     batches = infinite_batches(train_set, cfg.data.batch_size, cfg.data.num_workers, accelerator, cfg.train.seed,
-                               start=global_step * samples_per_step + data_offset)
+                               start=global_step * samples_per_step + guard.data_offset)
 
     def run_validation(step: int) -> dict[str, float]:
         """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png (EMA weights if any)."""
@@ -263,17 +260,17 @@ def main(
         metrics_log.write(step, metrics)
         accelerator.log(metrics, step=step)
         save_grid(val_images, recs, out / "samples" / f"step-{step:07d}.png")
+        tqdm.write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
         return metrics
 
     def checkpoint_state() -> dict[str, Any]:
         """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
         return {"logvar": loss_fn.logvar.item(), "model": checkpoint_model_config,
-                **(guard.state() if guard is not None else {})}
+                **guard.state()}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
         first_val = last_val = run_validation(0)
-        logger.info("step 0: val PSNR %.2f dB, SSIM %.3f", first_val["val/psnr"], first_val["val/ssim"])
     accelerator.wait_for_everyone()
 
     # ---- loop ---------------------------------------------------------------------
@@ -318,20 +315,16 @@ def main(
 
             if not accelerator.sync_gradients:
                 continue
-            if guard is not None:
-                guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
-                if guard.rollback_due:
-                    state = rollback(accelerator, out, guard, global_step, samples_per_step,
-                                     [(opt_g, sched_g), (opt_d, sched_d)], metrics_log, ema, checkpoint_model_config)
-                    global_step = state["global_step"]
-                    with torch.no_grad():
-                        loss_fn.logvar.fill_(state["logvar"])
-                    progress.n = global_step
-                    window = LogWindow()
-                    continue
+            guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
+            if guard.rollback_due:  # reload the newest checkpoint, lower the LR, go on past these batches
+                state = rollback(accelerator, out, guard, global_step, samples_per_step, [(opt_g, sched_g), (opt_d, sched_d)],
+                                 metrics_log, ema, checkpoint_model_config, window, progress)
+                global_step = state["global_step"]
+                with torch.no_grad():
+                    loss_fn.logvar.fill_(state["logvar"])
+                continue
             global_step += 1
-            window.end_step()
-            window.add({"grad_norm": grad_norm})
+            window.end_step(grad_norm)
             sched_g.step()
             with warnings.catch_warnings():  # before disc_start opt_d has not stepped yet; that is intended
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -343,25 +336,14 @@ def main(
             if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
                 logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "images_per_sec")
                 logs["lr"] = opt_g.param_groups[0]["lr"]
-                if guard is not None:
-                    logs.update(nonfinite_skips=guard.skipped, rollbacks=len(guard.rollbacks))
-                metrics_log.write(global_step, logs)
-                accelerator.log(logs, step=global_step)
+                write_logs(accelerator, metrics_log, global_step, logs, guard)
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
                                      g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)
 
-            if due(global_step, cfg.train.validation_steps, cfg.train.max_steps):
-                if accelerator.is_main_process:
-                    last_val = run_validation(global_step)
-                    progress.write(f"step {global_step}: val PSNR {last_val['val/psnr']:.2f} dB, SSIM {last_val['val/ssim']:.3f}")
-                accelerator.wait_for_everyone()
-
-            # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
-            checkpoint_or_stop(accelerator, stop, out, global_step,
-                               due(global_step, cfg.train.checkpointing_steps, cfg.train.max_steps),
-                               checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
-            if window.steps == 0:  # keep validation and checkpoint time out of images_per_sec
-                window.restart_clock()
+            # Validation and checkpoints when due; after SIGTERM/SIGINT a checkpoint, then
+            # TrainingStopped (the script exits 128 + signum).
+            last_val = validate_and_checkpoint(accelerator, cfg.train, stop, out, global_step, run_validation,
+                                               checkpoint_state, ema, progress, window) or last_val
     progress.close()
 
     # ---- export -------------------------------------------------------------------
@@ -379,4 +361,4 @@ def main(
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),
             "is_main_process": accelerator.is_main_process, "vae": vae_unwrapped, "discriminator": disc_unwrapped,
-            "nonfinite_skips": guard.skipped if guard else 0, "rollbacks": guard.rollbacks if guard else []}
+            "nonfinite_skips": guard.skipped, "rollbacks": guard.rollbacks}

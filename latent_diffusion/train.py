@@ -38,7 +38,6 @@ from autoencoderkl.run import (
     LogWindow,
     NonFiniteGuard,
     StopSignals,
-    checkpoint_or_stop,
     due,
     ema_weights,
     final_weights,
@@ -48,6 +47,8 @@ from autoencoderkl.run import (
     optimizer_step,
     rollback,
     start_run,
+    validate_and_checkpoint,
+    write_logs,
 )
 
 from .config import LDMConfig
@@ -303,11 +304,11 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                                        cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None)
 
     # ---- resume -------------------------------------------------------------------
-    guard = NonFiniteGuard.for_run(cfg.train)  # None under fp16 (the GradScaler skips)
+    guard = NonFiniteGuard.for_run(cfg.train)  # disabled under fp16 (the GradScaler skips)
     checkpoint_model_config = OmegaConf.to_container(OmegaConf.structured(cfg.model))  # refused if it differs
     global_step = 0
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path, ema, model_config=checkpoint_model_config)
+        state = load_checkpoint(accelerator, resume_path, ema, checkpoint_model_config, guard)
         global_step = state["global_step"]
         trained = (state.get("scaling_factor"), state.get("shift_factor"))
         if trained != (scaling_factor, shift_factor):
@@ -316,17 +317,13 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                 f"but the cache now gives {(scaling_factor, shift_factor)}; resume with "
                 f"data.scaling_factor={trained[0]} data.shift_factor={trained[1]}"
             )
-        if guard is not None:
-            guard.restore(state)
-        logger.info("resumed from %s at step %d", resume_path, global_step)
     else:
         set_seed(cfg.train.seed, device_specific=True)  # on resume, load_state restored each process's RNG
 
     metrics_log = open_logs(accelerator, cfg, out, notes, global_step if resume_path else None)
     samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
-    data_offset = guard.data_offset if guard is not None else 0
     batches = infinite_batches(dataset, cfg.data.batch_size, cfg.data.num_workers, accelerator, cfg.train.seed,
-                               start=global_step * samples_per_step + data_offset, keys="index")
+                               start=global_step * samples_per_step + guard.data_offset, keys="index")
 
     def run_validation(step: int) -> float:
         """Main process, EMA weights: val/loss in metrics.jsonl + TensorBoard, samples/step-NNNNNNN.png."""
@@ -337,17 +334,17 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                         cfg.train.validation_guidance_scale, out / "samples" / f"step-{step:07d}.png")
         metrics_log.write(step, {"val/loss": val_loss})
         accelerator.log({"val/loss": val_loss}, step=step)
+        tqdm.write(f"step {step}: validation loss {val_loss:.4f}")
         return val_loss
 
     def checkpoint_state() -> dict[str, Any]:
         """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
         return {"scaling_factor": scaling_factor, "shift_factor": shift_factor, "model": checkpoint_model_config,
-                **(guard.state() if guard is not None else {})}
+                **guard.state()}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
         first_val = last_val = run_validation(0)
-        logger.info("step 0: validation loss %.4f", first_val)
     accelerator.wait_for_everyone()
 
     # ---- loop ---------------------------------------------------------------------
@@ -378,18 +375,13 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
 
             if not accelerator.sync_gradients:
                 continue
-            if guard is not None:
-                guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
-                if guard.rollback_due:
-                    global_step = rollback(accelerator, out, guard, global_step, samples_per_step,
-                                           [(optimizer, lr_scheduler)], metrics_log, ema,
-                                           checkpoint_model_config)["global_step"]
-                    progress.n = global_step
-                    window = LogWindow()
-                    continue
+            guard.end_step(global_step)  # TrainingStopped after K bad steps in a row, unless rolling back
+            if guard.rollback_due:  # reload the newest checkpoint, lower the LR, go on past these batches
+                global_step = rollback(accelerator, out, guard, global_step, samples_per_step, [(optimizer, lr_scheduler)],
+                                       metrics_log, ema, checkpoint_model_config, window, progress)["global_step"]
+                continue
             global_step += 1
-            window.end_step()
-            window.add({"grad_norm": grad_norm})
+            window.end_step(grad_norm)
             lr_scheduler.step()
             if ema is not None:
                 ema.step(params)
@@ -398,26 +390,16 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
             if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
                 logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "latents_per_sec")
                 logs["lr"] = optimizer.param_groups[0]["lr"]
-                if guard is not None:
-                    logs.update(nonfinite_skips=guard.skipped, rollbacks=len(guard.rollbacks))
                 if ema is not None:
                     logs["ema_decay"] = ema.cur_decay_value
-                metrics_log.write(global_step, logs)
-                accelerator.log(logs, step=global_step)
+                write_logs(accelerator, metrics_log, global_step, logs, guard)
                 progress.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
 
-            if due(global_step, cfg.train.validation_steps, cfg.train.max_steps):
-                if accelerator.is_main_process:
-                    last_val = run_validation(global_step)
-                    progress.write(f"step {global_step}: validation loss {last_val:.4f}")
-                accelerator.wait_for_everyone()
-
-            # SIGTERM/SIGINT: a checkpoint, then TrainingStopped (the script exits 128 + signum)
-            checkpoint_or_stop(accelerator, stop, out, global_step,
-                               due(global_step, cfg.train.checkpointing_steps, cfg.train.max_steps),
-                               checkpoint_state, ema, cfg.train.checkpoints_total_limit, progress)
-            if window.steps == 0:  # keep validation and checkpoint time out of latents_per_sec
-                window.restart_clock()
+            # Validation and checkpoints when due; after SIGTERM/SIGINT a checkpoint, then
+            # TrainingStopped (the script exits 128 + signum).
+            val = validate_and_checkpoint(accelerator, cfg.train, stop, out, global_step, run_validation,
+                                          checkpoint_state, ema, progress, window)
+            last_val = val if val is not None else last_val
     progress.close()
 
     # ---- export -------------------------------------------------------------------
@@ -433,5 +415,5 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     accelerator.end_training()
     return {"global_step": global_step, "first_val_loss": first_val, "last_val_loss": last_val,
             "pipeline_dir": str(pipeline_dir), "is_main_process": accelerator.is_main_process,
-            "unet": unet_unwrapped, "ema": ema, "nonfinite_skips": guard.skipped if guard else 0,
-            "rollbacks": guard.rollbacks if guard else []}
+            "unet": unet_unwrapped, "ema": ema, "nonfinite_skips": guard.skipped,
+            "rollbacks": guard.rollbacks}
