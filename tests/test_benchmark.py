@@ -179,3 +179,21 @@ def test_the_script_is_a_thin_entry_point_that_runs_from_any_folder(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert cli.__doc__.split("\n\n")[0] in proc.stdout and "--what train_vae: optimizer steps" in proc.stdout
+
+
+def test_startup_times_listing_the_old_header_check_and_the_lazy_construction(tmp_path):
+    out = tmp_path / "startup.json"
+    cli.main(["--what", "startup", "--num-images", "30", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["what"] == "startup" and report["settings"]["files"] == 30
+    assert set(report["results"]) == {"list_images", "header_check_every_file", "ImageFolder(train=True)",
+                                      "encode_decode_list"}
+    for r in report["results"].values():
+        assert r["items"] == 30 and len(r["seconds"]) == 2
+        assert r["us_per_file"] == pytest.approx(1e6 / r["items_per_s"]) and r["us_per_file"] > 0
+    assert report["construction_before_over_now"] > 0
+    # An existing folder instead of synthetic files: its images, the first --num-images of them.
+    write_photos(tmp_path / "photos", n=4)
+    cli.main(["--what", "startup", "--data", str(tmp_path / "photos"), "--num-images", "3", "--repeats", "1",
+              "--warmup", "0", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["files"] == 3

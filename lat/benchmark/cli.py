@@ -5,6 +5,7 @@
   python scripts/benchmark.py --what sample --baseline
   python scripts/benchmark.py --what vae_tiling
   python scripts/benchmark.py --what encode --vae runs/vae-demo/vae --data /data/photos --resolution 128
+  python scripts/benchmark.py --what startup --num-images 100000
 
 Every --what prints a table at the end (one row per case: items/s as the median of the
 timed repeats with the min-max range, steps/s, model GFLOP per item, the TFLOP/s that
@@ -55,6 +56,12 @@ torch.cuda.max_memory_allocated on CUDA.
   image files are read once first (page cache), and two batches go through the VAE as
   warm-up; the two cases alternate repeat by repeat, so a load that comes and goes (a
   shared machine) hits both alike.
+--what startup: seconds (and microseconds per file) that building the stage-1 training
+  data costs each rank before the first step: list_images on the folder, the header
+  check of every file that ImageFolder(train=True) construction used to do, that
+  construction now (lazy: one header), and encoding + decoding the list as
+  list_images_once sends it to the other ranks. Files: --data FOLDER, or --num-images
+  (default 100000) synthetic ones (hard links to 16 tiny PNGs); warm page cache.
 
 Cases (train_vae, train_ldm, sample): "optimized" always: the config plus the fast paths
 that pay off on this device (table below; the JSON records the overrides); "baseline"
@@ -101,6 +108,7 @@ from autoencoderkl.atomic import write_atomic
 from .encode import bench_encode
 from .harness import CaseFailed, load_average
 from .sample import bench_sample
+from .startup import bench_startup
 from .train_ldm import bench_train_ldm, child_train_ldm
 from .train_vae import bench_train_vae, child_train_vae
 from .vae_tiling import bench_vae_tiling, child_vae_tiling
@@ -108,7 +116,7 @@ from .vae_tiling import bench_vae_tiling, child_vae_tiling
 
 # --what -> its function; a case process's spec "kind" -> its function.
 WHAT = {"encode": bench_encode, "train_vae": bench_train_vae, "train_ldm": bench_train_ldm, "sample": bench_sample,
-        "vae_tiling": bench_vae_tiling}
+        "vae_tiling": bench_vae_tiling, "startup": bench_startup}
 CHILDREN = {"train_vae": child_train_vae, "train_ldm": child_train_ldm, "vae_tiling": child_vae_tiling}
 
 
@@ -159,8 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc = parser.add_argument_group("data and models (the --what each applies to is named)")
     enc.add_argument("--vae", help="encode, train_ldm (its cache), vae_tiling: AutoencoderKL folder (default: a random one "
                                     "shaped like configs/autoencoderkl/demo.yaml)")
-    enc.add_argument("--data", default="demo", help="encode, train_ldm (its cache): image folder, or 'demo' (default: demo)")
-    enc.add_argument("--num-images", type=int, help="encode: only the first N images of --data (default: all)")
+    enc.add_argument("--data", default="demo", help="encode, train_ldm (its cache), startup: image folder, or 'demo' "
+                                                    "(default: demo; startup: synthetic files)")
+    enc.add_argument("--num-images", type=int, help="encode, startup: only the first N images of --data (default: all; "
+                                                     "startup's synthetic files: 100000)")
     enc.add_argument("--hflip", action="store_true", help="encode: also encode mirror views")
     enc.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="encode: latent storage dtype (default: fp32)")
     enc.add_argument("--num-workers", type=int, default=2,
@@ -173,7 +183,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--repeats and --rounds must be >= 1 and --warmup >= 0")
-    for name in ("steps", "resolution", "batch_size", "cpu_threads", "tile_size"):
+    for name in ("steps", "resolution", "batch_size", "cpu_threads", "tile_size", "num_images"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.what in ("train_vae", "train_ldm") and args.warmup < 1:
