@@ -2,14 +2,17 @@
 
 Reading order of this file:
 
-1. ``list_images``: every image file under a folder, recursively, in sorted order.
+1. ``list_images``: every image file under a folder, recursively, in sorted order;
+   ``broadcast_paths`` / ``list_images_once``: list on the main process only and send the
+   list to the other ranks (N ranks need not each walk a network folder).
 2. ``demo_image_paths``: the embedded demo set (the RGB photos scikit-image ships).
 3. ``load_rgb`` / ``to_tensor``: one file -> an RGB ``PIL.Image`` -> a tensor. Every mode
    PIL can open (L, LA, P, RGBA, 16-bit, CMYK, 1-bit) becomes 8-bit RGB, alpha composited
    over white, EXIF orientation applied.
 4. ``ImageFolder``: resize the shorter side, then a random crop + flip (training) or a
    fixed g x g grid of crops (evaluation). Unreadable files are skipped with a warning
-   and a count instead of ending a run.
+   and a count instead of ending a run; for training they are found when first read, so
+   building the dataset of a million files opens one file, not a million.
 5. ``InfiniteSampler``: an endless, rank-sharded stream of ``(index, epoch)`` keys.
 
 Randomness never comes from a global or per-worker RNG: the crop and flip of a training
@@ -21,17 +24,21 @@ resumed run continues exactly where it stopped (``InfiniteSampler(start=...)``).
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,7 +69,8 @@ _DECODE_ERRORS = (
     Image.DecompressionBombError,
 )
 
-# At most this many files are named one warning each; the rest only in ``.skipped``.
+# At most about this many files are named one warning each (per ImageFolder and its
+# DataLoader workers); the rest are only counted (``ImageFolder.num_skipped``).
 _MAX_NAMED_WARNINGS = 20
 
 
@@ -101,6 +109,117 @@ def list_images(root: PathLike) -> list[Path]:
             f"{', '.join(IMAGE_EXTENSIONS)}; found {len(files)} other file(s))"
         )
     return images
+
+
+def _distributed() -> bool:
+    """Whether a torch.distributed process group is up (Accelerate's multi-process runs)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+# Errors the main process's listing may raise, re-raised by the same type on every rank.
+_LISTING_ERRORS = {e.__name__: e for e in (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, OSError)}
+
+
+def broadcast_paths(accelerator: "Accelerator", list_paths: Callable[[], object]) -> object:
+    """Run ``list_paths()`` on the main process only; every process returns its result.
+
+    For a folder of a million files on network storage, N ranks each walking the folder
+    (``list_images``: a readdir per folder, a stat per file) cost N times the listing and
+    load the file server N times over. Here rank 0 lists; the result travels as a JSON
+    text in a uint8 tensor (``torch.distributed.broadcast`` on ``accelerator.device``: a
+    CPU tensor under gloo, a CUDA one under NCCL; no pickle), about 60 MB for a million
+    60-character paths. Without a process group (one process) ``list_paths()`` just runs.
+    A receiving rank pays for decoding the list, about 15 us per path on a 2-core CPU
+    (mostly building ``pathlib.Path`` objects; ``benchmark.py --what startup``), which is
+    about what listing a folder in a local, warm page cache costs (16-39 us per file
+    there): the gain is on network storage, where every stat is a round trip.
+
+    This is a collective: every process must call it, at the same point. If
+    ``list_paths`` raises on the main process, every process raises the same type
+    (FileNotFoundError, ValueError, ...; others as RuntimeError) with its message, so no
+    rank waits forever for a list that never comes.
+
+    Args:
+        accelerator: the run's ``Accelerator`` (its device carries the tensors).
+        list_paths: called on the main process only; returns a list of paths (str or
+            ``os.PathLike``) or a tuple of such lists, e.g. ``lambda: list_images(root)``
+            or ``lambda: split_paths(cfg)``.
+    Returns:
+        The same structure on every process, paths as ``pathlib.Path``.
+    Raises:
+        What ``list_paths`` raises (the main process: the original exception; the others:
+        the same type and message).
+        TypeError: if ``list_paths`` returns something else than paths or lists of them.
+    """
+    if not _distributed():
+        result = list_paths()
+        _check_path_lists(result)
+        is_tuple = isinstance(result, tuple)
+        lists = [[p if isinstance(p, Path) else Path(p) for p in x] for x in (result if is_tuple else [result])]
+        return tuple(lists) if is_tuple else lists[0]
+    error: BaseException | None = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            payload = _encode_paths(list_paths())
+        except Exception as exc:  # sent to every rank, then re-raised here
+            error, payload = exc, _encode_error(exc)
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=accelerator.device)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=accelerator.device)
+    torch.distributed.broadcast(size, src=0)
+    if torch.distributed.get_rank() == 0:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(accelerator.device)
+    else:
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=accelerator.device)
+    torch.distributed.broadcast(data, src=0)
+    if error is not None:
+        raise error
+    return _decode_paths(data.cpu().numpy().tobytes())
+
+
+def _check_path_lists(result: object) -> None:
+    """TypeError unless ``result`` is a list of paths or a tuple of such lists."""
+    lists = result if isinstance(result, tuple) else [result]
+    if not all(isinstance(x, list) and all(isinstance(p, (str, os.PathLike)) for p in x) for x in lists):
+        raise TypeError(f"broadcast_paths: list_paths() must return a list of paths or a tuple of lists, "
+                        f"got {type(result).__name__}")
+
+
+def _encode_paths(result: object) -> bytes:
+    """A list of paths, or a tuple of lists, -> ASCII JSON (non-UTF-8 names survive as \\u escapes)."""
+    _check_path_lists(result)
+    is_tuple = isinstance(result, tuple)
+    lists = list(result) if is_tuple else [result]
+    return json.dumps({"lists": [[os.fspath(p) for p in x] for x in lists], "tuple": is_tuple}).encode("ascii")
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    """An exception's type name and message as ASCII JSON, for ``_decode_paths`` to raise."""
+    return json.dumps({"error": [type(exc).__name__, str(exc)]}).encode("ascii")
+
+
+def _decode_paths(payload: bytes) -> object:
+    """Inverse of ``_encode_paths``; an encoded error is raised by its type."""
+    msg = json.loads(payload.decode("ascii"))
+    if "error" in msg:
+        name, text = msg["error"]
+        kind = _LISTING_ERRORS.get(name)
+        if kind is None:
+            raise RuntimeError(f"the main process failed to list the images: {name}: {text}")
+        raise kind(text)
+    lists = [[Path(p) for p in x] for x in msg["lists"]]
+    return tuple(lists) if msg["tuple"] else lists[0]
+
+
+def list_images_once(accelerator: "Accelerator", root: PathLike) -> list[Path]:
+    """``list_images(root)`` on the main process, its result on every process.
+
+    A collective (every rank calls it); see ``broadcast_paths``.
+
+    Raises:
+        FileNotFoundError, ValueError: as ``list_images``, on every process.
+    """
+    return broadcast_paths(accelerator, lambda: list_images(root))
 
 
 def demo_image_paths(split: str) -> list[Path]:
@@ -244,6 +363,21 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
+def _failure_reason(path: Path, exc: BaseException) -> str:
+    """Why reading ``path`` failed, in the words ``_check_header`` uses."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc  # load_rgb wraps PIL's error
+    if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return f"decompression bomb: {cause}"
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    return f"{type(cause).__name__}: {cause}"
+
+
 def _folders(paths: Sequence[Path]) -> str:
     """Short description of where ``paths`` live, for error messages."""
     parents = sorted({str(p.parent) for p in paths})
@@ -271,18 +405,36 @@ class ImageFolder(torch.utils.data.Dataset):
       ``len`` = images * grid**2; index i -> image i // grid**2, crop i % grid**2 in
       row-major order.
 
-    Unreadable files: at construction every file's header is opened (cheap; catches
-    zero-byte files, non-images with an image extension, decompression bombs); those
-    are skipped with an ``UnreadableImageWarning`` per file and a summary "skipped N of M
-    files". A file that passes the header but fails to decode later (a truncated JPEG)
-    is warned about once, recorded, and the next readable image ((i + 1) % n, same draw
-    and crop) is returned in its place. ``self.paths`` keeps its length either way, so
-    indices stay stable; with DataLoader workers, a record made at ``__getitem__`` time
-    lives in that worker's copy of the dataset.
+    Unreadable files (zero bytes, not an image despite the extension, a decompression
+    bomb (> ``PIL.Image.MAX_IMAGE_PIXELS``), truncated or corrupt):
+
+    * ``train=True``: found lazily. Construction opens no file but the first readable
+      one: headers are read in order until one passes (normally the first file; every
+      file only when none is readable, which raises ``ValueError``), so a dataset of a
+      million files on network storage is built in a second instead of minutes per
+      rank. A bad file is found when a sample first reads it: it is flagged, warned
+      about (``UnreadableImageWarning``; the first ~20 files by name, then one notice)
+      and counted, and the next readable image ((i + 1) % n, same draw and crop) is
+      returned in its place, now and whenever that index comes again. ``paths`` is the
+      list given, bad files included, so ``len`` and the indices stay fixed.
+    * ``train=False``: every header is checked at construction (evaluation sets are
+      small, and a replaced image would count a neighbour twice in the metrics); bad
+      files are dropped from ``paths`` with a warning each (up to 20) and a summary
+      "skipped N of M files". One that passes the header but fails to decode later is
+      replaced as in training.
+
+    The count works across DataLoader workers: the per-file flags are one byte each in a
+    shared-memory tensor made here, before any worker starts (forked workers inherit
+    it; spawned ones receive it through torch's shared-memory pickling), so a file found
+    bad in one worker is skipped by all and ``num_skipped()``, called in the main
+    process (the training loop), counts what every worker found. ``skipped`` holds the
+    reasons only for the files met in the calling process.
 
     Attributes:
-        paths: readable image files (after the header check), in the given order.
-        skipped: ``(path, reason)`` of every file skipped, at init or at load time.
+        paths: the image files samples come from, in the given order (``train=False``:
+            those whose header passed).
+        skipped: ``(path, reason)`` of every file skipped in THIS process (construction,
+            or samples read here; a DataLoader worker's findings stay in that worker).
 
     Args:
         paths: image files (e.g. from ``list_images`` or ``demo_image_paths``).
@@ -327,7 +479,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if grid < 1:
             raise ValueError(f"grid must be >= 1, got {grid}")
-        all_paths = [Path(p) for p in paths]
+        all_paths = [p if isinstance(p, Path) else Path(p) for p in paths]  # no copy of a million Paths
         if not all_paths:
             raise ValueError("ImageFolder got an empty list of image paths")
 
@@ -343,32 +495,91 @@ class ImageFolder(torch.utils.data.Dataset):
         self.color_jitter = color_jitter
         self._cache: dict[int, Image.Image] | None = {} if cache_images else None
         self.skipped: list[tuple[Path, str]] = []
-        self.paths: list[Path] = []
-        for p in all_paths:
-            reason = _check_header(p)
-            if reason is None:
-                self.paths.append(p)
-            else:
-                self.skipped.append((p, reason))
-        self._failed: set[int] = set()  # indices into self.paths that failed to decode
-
-        if self.skipped:
-            for p, reason in self.skipped[:_MAX_NAMED_WARNINGS]:
-                warnings.warn(f"skipping {p}: {reason}", UnreadableImageWarning, stacklevel=2)
-            more = len(self.skipped) - _MAX_NAMED_WARNINGS
-            tail = f" ({more} not named above; see ImageFolder.skipped)" if more > 0 else ""
-            warnings.warn(
-                f"skipped {len(self.skipped)} of {len(all_paths)} files in "
-                f"{_folders(all_paths)}: not readable as images{tail}",
-                UnreadableImageWarning,
-                stacklevel=2,
-            )
-        if not self.paths:
+        # Named warnings so far, shared with the DataLoader workers (as _bad below).
+        self._named = torch.zeros(1, dtype=torch.int32).share_memory_()
+        if train:  # lazy: headers in order until the first readable one; the rest when first read
+            self.paths = all_paths
+            self._dropped = 0  # files left out of self.paths at construction
+            self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()  # (n,) 1: unreadable
+            for i, p in enumerate(self.paths):
+                reason = _check_header(p)
+                if reason is None:
+                    break
+                self._skip(i, reason)
+            readable = reason is None
+        else:  # eager: every header now, unreadable files left out
+            self.paths = []
+            for p in all_paths:
+                reason = _check_header(p)
+                if reason is None:
+                    self.paths.append(p)
+                else:
+                    self.skipped.append((p, reason))
+            self._dropped = len(self.skipped)
+            self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+            if self.skipped:
+                for p, reason in self.skipped[:_MAX_NAMED_WARNINGS]:
+                    warnings.warn(f"skipping {p}: {reason}", UnreadableImageWarning, stacklevel=2)
+                more = len(self.skipped) - _MAX_NAMED_WARNINGS
+                tail = f" ({more} not named above; see ImageFolder.skipped)" if more > 0 else ""
+                warnings.warn(
+                    f"skipped {len(self.skipped)} of {len(all_paths)} files in "
+                    f"{_folders(all_paths)}: not readable as images{tail}",
+                    UnreadableImageWarning,
+                    stacklevel=2,
+                )
+            readable = bool(self.paths)
+        if not readable:
             reasons = "; ".join(f"{p.name}: {r}" for p, r in self.skipped[:3])
             raise ValueError(
                 f"none of the {len(all_paths)} files in {_folders(all_paths)} is a readable "
                 f"image (e.g. {reasons})"
             )
+
+    def _skip(self, index: int, reason: str) -> None:
+        """Flag ``paths[index]`` as unreadable for every worker, record it, warn (the first ~20 by name)."""
+        path = self.paths[index]
+        self.skipped.append((path, reason))
+        if self._bad[index]:  # another worker flagged it in the meantime
+            return
+        self._bad[index] = 1
+        named = int(self._named[0])  # racy across workers: "about 20" names, never a wrong count
+        if named > _MAX_NAMED_WARNINGS:
+            return
+        self._named[0] = named + 1
+        if named < _MAX_NAMED_WARNINGS:
+            message = f"skipping {path}: {reason}; its samples are replaced by the next readable image's"
+        else:
+            message = ("skipping more unreadable files without naming them; ImageFolder.num_skipped() counts "
+                       "them and skipped_paths() lists them")
+        warnings.warn(message, UnreadableImageWarning, stacklevel=3)
+
+    def num_skipped(self, accelerator: "Accelerator | None" = None) -> int:
+        """How many files have been skipped as unreadable so far.
+
+        Counts the files found bad by this process and all of its DataLoader workers
+        (shared flags, see the class docstring), plus, in evaluation mode, those dropped
+        at construction. In training mode the count grows as samples first read the bad
+        files: after one epoch it covers the whole dataset.
+
+        Args:
+            accelerator: None: this process (rank) only. Given, with a process group of
+                several ranks: the distinct files skipped on ANY rank (an all-reduce, max,
+                of the n flag bytes on ``accelerator.device``), so a collective: call it
+                on every rank at the same point, not under ``is_main_process``.
+        Returns:
+            An int >= 0.
+        """
+        flags = self._bad
+        if accelerator is not None and _distributed():
+            flags = flags.to(accelerator.device, copy=True)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return int(flags.sum()) + self._dropped
+
+    def skipped_paths(self) -> list[Path]:
+        """The files skipped so far by this process and its workers (not the reasons: see ``skipped``)."""
+        dropped = [p for p, _ in self.skipped[: self._dropped]]
+        return dropped + [self.paths[i] for i in self._bad.nonzero().flatten().tolist()]
 
     def __len__(self) -> int:
         """Number of samples: images (train) or images * grid**2 (evaluation)."""
@@ -399,7 +610,10 @@ class ImageFolder(torch.utils.data.Dataset):
         """The decoded image with its shorter side resized to ``resize`` (cached if asked)."""
         if self._cache is not None and image_index in self._cache:
             return self._cache[image_index]
-        img = load_rgb(self.paths[image_index])
+        with warnings.catch_warnings():
+            # A warning-sized bomb (> MAX_IMAGE_PIXELS) is skipped like an error-sized one.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = load_rgb(self.paths[image_index])
         if min(img.size) != self.resize:
             # int size: the shorter side becomes `resize`, aspect ratio kept.
             img = TF.resize(img, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -437,6 +651,8 @@ class ImageFolder(torch.utils.data.Dataset):
         Raises:
             IndexError: if ``index`` is out of range.
             RuntimeError: if every image fails to decode.
+        Warns:
+            UnreadableImageWarning: when a file is found unreadable (first ~20 by name).
         """
         if isinstance(key, tuple):
             index, draw = (int(k) for k in key)
@@ -452,23 +668,14 @@ class ImageFolder(torch.utils.data.Dataset):
         num_images = len(self.paths)
         for step in range(num_images):
             j = (image_index + step) % num_images
-            if j in self._failed:
+            if self._bad[j]:  # found unreadable before, here or in another worker
                 continue
             try:
                 return self._sample(j, crop, draw)
-            except OSError as exc:
-                self._failed.add(j)
-                self.skipped.append((self.paths[j], str(exc)))
-                warnings.warn(
-                    f"skipping {self.paths[j]} (failed to decode; its samples are replaced "
-                    f"by the next image's): {exc}",
-                    UnreadableImageWarning,
-                    stacklevel=2,
-                )
-        raise RuntimeError(
-            f"all {num_images} images of this ImageFolder failed to decode; "
-            f"first: {self.skipped[0][0]}: {self.skipped[0][1]}"
-        )
+            except (OSError, Image.DecompressionBombWarning) as exc:
+                self._skip(j, _failure_reason(self.paths[j], exc))
+        first = f"; first here: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
+        raise RuntimeError(f"all {num_images} images of this ImageFolder failed to decode{first}")
 
 
 class InfiniteSampler(torch.utils.data.Sampler):

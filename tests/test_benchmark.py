@@ -1,9 +1,11 @@
-"""scripts/benchmark.py: the harness's arithmetic, FLOP counts, case planning, and tiny runs."""
+"""lat.benchmark (scripts/benchmark.py): the harness's arithmetic, FLOP counts, case planning, and tiny runs."""
 
 from __future__ import annotations
 
 import json
-import runpy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,9 @@ import torch.nn.functional as F
 
 from autoencoderkl.config import VAEConfig, load_config
 from conftest import reset_accelerate_state, write_photos
+from lat.benchmark import cli, harness, train_ldm, vae_tiling
 
 REPO = Path(__file__).resolve().parents[1]
-bench = runpy.run_path(str(REPO / "scripts" / "benchmark.py"), run_name="benchmark")
 
 # A two-level 8-channel AutoencoderKL and a small PatchGAN on 16 px crops of the demo
 # photos, one thread: a training step takes milliseconds, a case process a few seconds.
@@ -31,23 +33,23 @@ def one_thread(monkeypatch):
 
 def test_summarize_windows_drops_the_warmup_and_takes_the_median():
     # 8 images per window at 1, 10, 20, 40 images/s: the first window is warm-up.
-    r = bench["summarize_windows"]([1.0, 10.0, 20.0, 40.0], items=8, warmup=1)
+    r = harness.summarize_windows([1.0, 10.0, 20.0, 40.0], items=8, warmup=1)
     assert r["seconds"] == [0.8, 0.4, 0.2]
     assert r["items_per_s"] == pytest.approx(20.0)
     assert (r["items_per_s_min"], r["items_per_s_max"]) == (pytest.approx(10.0), pytest.approx(40.0))
     assert r["warmup_items_per_s"] == [1.0]
     with pytest.raises(ValueError, match="none left after 4 warm-up"):
-        bench["summarize_windows"]([1.0, 2.0], items=8, warmup=4)
+        harness.summarize_windows([1.0, 2.0], items=8, warmup=4)
 
 
 def test_flop_count_of_a_convolution_matches_the_hand_count():
     conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
     x = torch.randn(2, 3, 16, 16)
     # 2 FLOPs per multiply-add: every output element (B * C_out * H * W) sums C_in * k * k products.
-    assert bench["count_flops"](lambda: conv(x)) == 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
+    assert harness.count_flops(lambda: conv(x)) == 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
     # Backward: the input gradient and the weight gradient each cost as much as the forward.
     x.requires_grad_(True)
-    assert bench["count_flops"](lambda: conv(x).sum().backward()) == 3 * 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
+    assert harness.count_flops(lambda: conv(x).sum().backward()) == 3 * 2 * (2 * 8 * 16 * 16) * (3 * 3 * 3)
 
 
 def test_cpu_attention_is_counted():
@@ -55,13 +57,13 @@ def test_cpu_attention_is_counted():
     b, h, s, d = 2, 3, 64, 16
     q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
     # Q K^T and softmax(.) V: two (s x d) x (d x s)-sized matmuls per head, 2 FLOPs per multiply-add.
-    assert bench["count_flops"](lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * b * h * s * s * d
+    assert harness.count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == 2 * 2 * b * h * s * s * d
 
 
 def test_cases_and_ablations_follow_the_switch_tables():
     config = str(REPO / "configs" / "autoencoderkl" / "demo.yaml")
-    cases, info = bench["plan_cases"](load_config, VAEConfig, config, "cpu", bench["STAGE1_SWITCHES"],
-                                      bench["STAGE1_OPTIMIZED"], ["train.max_steps=8"], ["data.batch_size=4"],
+    cases, info = harness.plan_cases(load_config, VAEConfig, config, "cpu", harness.STAGE1_SWITCHES,
+                                      harness.STAGE1_OPTIMIZED, ["train.max_steps=8"], ["data.batch_size=4"],
                                       baseline=True, ablate=True)
     assert list(cases) == ["optimized", "baseline", "optimized, train.channels_last=false",
                            "optimized, loss.shared_backward=false"]
@@ -77,14 +79,14 @@ def test_cases_and_ablations_follow_the_switch_tables():
 
 def test_unknown_set_key_fails_with_the_configs_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench["main"](["--what", "train_vae", "--set", "train.max_stepz=3"])
+        cli.main(["--what", "train_vae", "--set", "train.max_stepz=3"])
     message = str(exit_info.value.code)
     assert "unknown config key 'train.max_stepz'" in message and "did you mean train.max_steps" in message
 
 
 def test_train_vae_runs_the_real_loop_per_case_and_writes_the_json(tmp_path):
     out = tmp_path / "bench.json"
-    bench["main"](["--what", "train_vae", "--baseline", "--steps", "1", "--warmup", "1", "--repeats", "1", "--rounds", "2",
+    cli.main(["--what", "train_vae", "--baseline", "--steps", "1", "--warmup", "1", "--repeats", "1", "--rounds", "2",
                    "--resolution", "16", "--batch-size", "2", "--out", str(out), "--set", *TINY_TRAIN_VAE])
     report = json.loads(out.read_text())
     assert report["what"] == "train_vae" and set(report["cases"]) == {"optimized", "baseline"}
@@ -108,7 +110,7 @@ def test_sample_counts_flops_linearly_in_the_steps(tmp_path):
     out = tmp_path / "sample.json"
     tiny_unet = ["model.block_out_channels=[16,32]", "model.attention_head_dim=8", "model.norm_num_groups=8",
                  "model.layers_per_block=1"]
-    bench["main"](["--what", "sample", "--baseline", "--steps", "3", "--batch-size", "2", "--warmup", "0",
+    cli.main(["--what", "sample", "--baseline", "--steps", "3", "--batch-size", "2", "--warmup", "0",
                    "--repeats", "1", "--cpu-threads", "1", "--out", str(out), "--set", *tiny_unet])
     report = json.loads(out.read_text())
     flops = report["flops"]
@@ -137,7 +139,7 @@ def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path):
     cfg = load_ldm_config(REPO / "configs" / "latent_diffusion" / "demo.yaml",
                           ["model.block_out_channels=[16,32]", "model.attention_head_dim=8", "model.norm_num_groups=8",
                            "model.layers_per_block=1", "data.batch_size=2"])
-    r = bench["cached_vs_encoded"](cfg, str(tmp_path / "latents"), str(tmp_path / "vae"), "cpu", steps=2, repeats=1,
+    r = train_ldm.cached_vs_encoded(cfg, str(tmp_path / "latents"), str(tmp_path / "vae"), "cpu", steps=2, repeats=1,
                                    warmup=0, threads=1)
     assert set(r["results"]) == {"cached", "encode_every_step"}
     assert r["settings"]["images"] == 4 and r["settings"]["image_resize"] is None
@@ -154,15 +156,44 @@ def test_tiled_encode_decode_case_does_the_overlapping_tiles_work(tmp_path):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    vae = bench["_demo_shaped_vae"](32, tmp_path / "vae", TINY_VAE)  # f = 2, sample_size 32
+    vae = harness.demo_shaped_vae(32, tmp_path / "vae", TINY_VAE)  # f = 2, sample_size 32
     save_file({"images": torch.rand(2, 3, 64, 64) * 2 - 1}, tmp_path / "images.safetensors")
     spec = {"vae": str(vae), "batch": 1, "tile_size": 32, "images": str(tmp_path / "images.safetensors"),
             "warmup": 1, "repeats": 2, "threads": 1}
-    plain = bench["_child_vae_tiling"]({**spec, "mode": "plain", "rec_out": str(tmp_path / "plain.safetensors")})
-    tiled = bench["_child_vae_tiling"]({**spec, "mode": "tiled", "rec_out": str(tmp_path / "tiled.safetensors")})
+    plain = vae_tiling.child_vae_tiling({**spec, "mode": "plain", "rec_out": str(tmp_path / "plain.safetensors")})
+    tiled = vae_tiling.child_vae_tiling({**spec, "mode": "tiled", "rec_out": str(tmp_path / "tiled.safetensors")})
     assert len(tiled["seconds"]) == 2 and tiled["items"] == 1
     # Tiles start every 24 px (0, 24, 48): 3 x 3 tiles, overlapping, so more convolution work than one pass.
     assert tiled["flops_per_item"] > plain["flops_per_item"] > 0
     rec_plain, rec_tiled = (load_file(tmp_path / f"{m}.safetensors")["rec"] for m in ("plain", "tiled"))
     assert rec_plain.shape == rec_tiled.shape == (1, 3, 64, 64)
     assert not torch.equal(rec_plain, rec_tiled)  # blended tiles: close, not identical
+
+
+def test_the_script_is_a_thin_entry_point_that_runs_from_any_folder(tmp_path):
+    """scripts/benchmark.py finds this checkout's lat/ without PYTHONPATH and shows the package's help."""
+    script = REPO / "scripts" / "benchmark.py"
+    assert len(script.read_text().splitlines()) < 150
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert cli.__doc__.split("\n\n")[0] in proc.stdout and "--what train_vae: optimizer steps" in proc.stdout
+
+
+def test_startup_times_listing_the_old_header_check_and_the_lazy_construction(tmp_path):
+    out = tmp_path / "startup.json"
+    cli.main(["--what", "startup", "--num-images", "30", "--repeats", "2", "--warmup", "0", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["what"] == "startup" and report["settings"]["files"] == 30
+    assert set(report["results"]) == {"list_images", "header_check_every_file", "ImageFolder(train=True)",
+                                      "encode_decode_list"}
+    for r in report["results"].values():
+        assert r["items"] == 30 and len(r["seconds"]) == 2
+        assert r["us_per_file"] == pytest.approx(1e6 / r["items_per_s"]) and r["us_per_file"] > 0
+    assert report["construction_before_over_now"] > 0
+    # An existing folder instead of synthetic files: its images, the first --num-images of them.
+    write_photos(tmp_path / "photos", n=4)
+    cli.main(["--what", "startup", "--data", str(tmp_path / "photos"), "--num-images", "3", "--repeats", "1",
+              "--warmup", "0", "--out", str(out)])
+    assert json.loads(out.read_text())["settings"]["files"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from pathlib import Path
 
@@ -17,8 +18,12 @@ from autoencoderkl.data import (
     ImageFolder,
     InfiniteSampler,
     UnreadableImageWarning,
+    _decode_paths,
+    _encode_error,
+    broadcast_paths,
     demo_image_paths,
     list_images,
+    list_images_once,
     load_rgb,
     to_tensor,
 )
@@ -113,6 +118,50 @@ def test_listing_is_recursive_sorted_and_ignores_other_extensions(tmp_path):
     assert list_images(tmp_path) == sorted([tmp_path / "b.png", tmp_path / "sub" / "deeper" / "a.JPG"])
 
 
+def test_list_images_once_in_one_process_lists_here(tmp_path):
+    from accelerate import Accelerator
+
+    _noise_image(tmp_path / "b.png")
+    _noise_image(tmp_path / "a.jpg")
+    accelerator = Accelerator(cpu=True)
+    assert list_images_once(accelerator, tmp_path) == list_images(tmp_path)
+    pair = broadcast_paths(accelerator, lambda: ([str(tmp_path / "a.jpg")], [tmp_path / "b.png"]))
+    assert pair == ([tmp_path / "a.jpg"], [tmp_path / "b.png"])
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images_once(accelerator, tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="list of paths"):
+        broadcast_paths(accelerator, lambda: {"a": 1})
+
+
+def test_broadcast_paths_goes_through_a_process_group(tmp_path):
+    """One gloo rank: the encode -> broadcast -> decode path every rank runs, any file name."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a.png", "caf\u00e9.png", os.fsdecode(b"raw\xff.png")):  # UTF-8 and a non-UTF-8 byte
+        (folder / name).write_bytes(b"")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        accelerator = Accelerator(cpu=True)
+        assert list_images_once(accelerator, folder) == list_images(folder)
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(ValueError, match="no images in"):  # the main process's error, raised after the broadcast
+            list_images_once(accelerator, tmp_path / "empty")
+        ds = ImageFolder([_noise_image(tmp_path / "ok.png"), folder / "a.png"], resolution=8)
+        with pytest.warns(UnreadableImageWarning):
+            ds[1]
+        assert ds.num_skipped(accelerator) == ds.num_skipped() == 1
+    finally:
+        dist.destroy_process_group()
+    # What the other ranks receive when the main process's listing fails: the same error type.
+    with pytest.raises(FileNotFoundError, match="image folder x does not exist"):
+        _decode_paths(_encode_error(FileNotFoundError("image folder x does not exist")))
+    with pytest.raises(RuntimeError, match="KeyError"):
+        _decode_paths(_encode_error(KeyError("k")))
+
+
 def test_missing_folder_raises_file_not_found_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         list_images(tmp_path / "nowhere")
@@ -132,30 +181,86 @@ def test_folder_of_only_unreadable_images_raises_value_error(tmp_path):
         ImageFolder(list_images(tmp_path), resolution=8)
 
 
-def test_zero_byte_png_and_text_named_jpg_are_skipped_and_counted(tmp_path):
-    _noise_image(tmp_path / "good.png")
-    (tmp_path / "zero.png").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("hello, not a jpeg")
+def _bad_files(folder: Path) -> list[Path]:
+    """good.png (sorted first), text.jpg (not a JPEG) and zero.png (0 bytes)."""
+    _noise_image(folder / "good.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("hello, not a jpeg")
+    return list_images(folder)
+
+
+def test_training_set_finds_zero_byte_and_non_image_files_when_first_read(tmp_path):
+    paths = _bad_files(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # construction reads good.png's header only: no warning yet
+        ds = ImageFolder(paths, resolution=16)
+    assert ds.paths == paths and len(ds) == 3 and ds.num_skipped() == 0
     with pytest.warns(UnreadableImageWarning) as record:
-        ds = ImageFolder(list_images(tmp_path), resolution=16)
+        x = ds[1]  # text.jpg, then zero.png: both unreadable, so good.png's crop comes in their place
+    messages = "\n".join(str(w.message) for w in record)
+    assert "text.jpg" in messages and "zero.png: empty file (0 bytes)" in messages
+    assert x.shape == (3, 16, 16) and torch.equal(x, ds[0])
+    assert ds.num_skipped() == 2 and {p.name for p in ds.skipped_paths()} == {"zero.png", "text.jpg"}
+    assert {p.name for p, _ in ds.skipped} == {"zero.png", "text.jpg"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # flagged files are not read or warned about again
+        assert torch.equal(ds[2], x)
+    assert ds.num_skipped() == 2
+
+
+def test_evaluation_set_drops_unreadable_files_at_construction(tmp_path):
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds = ImageFolder(_bad_files(tmp_path), resolution=16, train=False)
     messages = "\n".join(str(w.message) for w in record)
     assert "zero.png" in messages and "text.jpg" in messages
     assert "skipped 2 of 3 files" in messages
     assert ds.paths == [tmp_path / "good.png"]
     assert {p.name for p, _ in ds.skipped} == {"zero.png", "text.jpg"}
+    assert ds.num_skipped() == 2 and {p.name for p in ds.skipped_paths()} == {"zero.png", "text.jpg"}
     assert len(ds) == 1 and ds[0].shape == (3, 16, 16)
 
 
-def test_decompression_bomb_is_skipped_at_the_header_check(tmp_path, monkeypatch):
-    _noise_image(tmp_path / "ok.png", size=(8, 8))
+def test_training_construction_opens_only_the_first_readable_file(tmp_path, monkeypatch):
+    """A million files must not mean a million opens per rank: construction reads one header."""
+    good = _noise_image(tmp_path / "good.png")
+    missing = [tmp_path / f"missing_{i:04d}.png" for i in range(1000)]
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: (opened.append(Path(fp)), real_open(fp, *a, **k))[1])
+    ds = ImageFolder([good, *missing], resolution=8)
+    assert opened == [good] and len(ds) == 1001 and ds.num_skipped() == 0
+    with pytest.warns(UnreadableImageWarning, match="missing_0999.png: file not found"):
+        assert torch.equal(ds[1000], ds[0])  # the last file is missing: the first (wrapping round) replaces it
+    assert ds.num_skipped() == 1
+
+
+def test_only_about_20_unreadable_files_are_named_but_all_are_counted(tmp_path):
+    good = _noise_image(tmp_path / "a.png")
+    bad = [tmp_path / f"b{i:02d}.png" for i in range(25)]
+    for path in bad:
+        path.write_bytes(b"")
+    ds = ImageFolder([good, *bad], resolution=8)
+    with pytest.warns(UnreadableImageWarning) as record:
+        ds[1]  # b00 ... b24 all fail in turn, then a.png
+    named = [str(w.message) for w in record if str(w.message).startswith("skipping /")]
+    assert len(named) == 20 and all("b0" in m or "b1" in m for m in named)
+    assert len(record) == 21 and "without naming them" in str(record[-1].message)
+    assert ds.num_skipped() == 25 and ds.skipped_paths() == bad
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_decompression_bombs_are_skipped(tmp_path, monkeypatch, train):
+    _noise_image(tmp_path / "a_ok.png", size=(8, 8))  # sorted first: the one header a training set reads
     _noise_image(tmp_path / "warn.png", size=(12, 12))  # > MAX_IMAGE_PIXELS: a warning in PIL
     _noise_image(tmp_path / "bomb.png", size=(20, 20))  # > 2 x MAX_IMAGE_PIXELS: an error in PIL
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.warns(UnreadableImageWarning) as record:
-        ds = ImageFolder(list_images(tmp_path), resolution=8)
+        ds = ImageFolder(list_images(tmp_path), resolution=8, train=train)
+        samples = [ds[i] for i in range(len(ds))]  # training: the bombs are found here
     assert sum("decompression bomb" in str(w.message) for w in record) == 2
-    assert ds.paths == [tmp_path / "ok.png"]
-    assert sorted(p.name for p, _ in ds.skipped) == ["bomb.png", "warn.png"]
+    assert sorted(p.name for p in ds.skipped_paths()) == ["bomb.png", "warn.png"] and ds.num_skipped() == 2
+    assert all(torch.equal(x, samples[0]) for x in samples)  # a_ok.png's crop in every place
+    assert len(ds.paths) == (3 if train else 1)
 
 
 def test_truncated_jpeg_is_skipped_at_getitem_and_recorded(tmp_path):
@@ -163,13 +268,15 @@ def test_truncated_jpeg_is_skipped_at_getitem_and_recorded(tmp_path):
     _noise_image(tmp_path / "b.jpg", seed=2)
     data = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the header check passes: no warning at init
-        ds = ImageFolder(list_images(tmp_path), resolution=16, seed=3)
+    for train in (True, False):  # the header passes, so both modes find it only when decoding
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the header check passes: no warning at init
+            assert ImageFolder(list_images(tmp_path), resolution=16, train=train).skipped == []
+    ds = ImageFolder(list_images(tmp_path), resolution=16, seed=3)
     assert len(ds.paths) == 2 and ds.skipped == []
-    with pytest.warns(UnreadableImageWarning, match="a.jpg"):
+    with pytest.warns(UnreadableImageWarning, match="a.jpg: OSError: image file is truncated"):
         x = ds[(0, 5)]
-    assert [p.name for p, _ in ds.skipped] == ["a.jpg"]
+    assert [p.name for p, _ in ds.skipped] == ["a.jpg"] and ds.num_skipped() == 1
     assert torch.equal(x, ds[(1, 5)])  # replaced by the next image, same draw
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
@@ -239,6 +346,23 @@ def test_dataloader_workers_do_not_change_samples(folder):
         loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers)
         batches = list(itertools.islice(iter(loader), 2))
         assert torch.equal(torch.cat(batches), expected), f"num_workers={workers}"
+
+
+def test_files_skipped_in_dataloader_workers_are_counted_in_the_main_process(tmp_path):
+    paths = [_noise_image(tmp_path / f"{i}.png", size=(16, 16), seed=i) for i in range(4)]
+    for i in (1, 3):
+        paths[i].write_bytes(b"")
+    ds = ImageFolder(paths, resolution=8)
+    # Batches of 2 over 2 workers: worker 0 reads 0.png and 1.png, worker 1 reads 2.png and 3.png.
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each worker warns in its own process
+        batches = list(loader)
+    assert [len(b) for b in batches] == [2, 2]
+    assert ds.skipped == []  # nothing was read in this process ...
+    assert ds.num_skipped() == 2  # ... but what the workers found is counted here
+    assert [p.name for p in ds.skipped_paths()] == ["1.png", "3.png"]
+    assert torch.equal(batches[0][1], ds[2]) and torch.equal(batches[1][1], ds[0])  # the next readable image
 
 
 # --- sampler ----------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""The command-line layer above both stage packages (``autoencoderkl``, ``latent_diffusion``)."""

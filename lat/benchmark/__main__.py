@@ -1,0 +1,5 @@
+"""``python -m lat.benchmark``: the benchmark command (also how case processes are started)."""
+
+from lat.benchmark.cli import main
+
+main()
