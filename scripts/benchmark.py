@@ -914,7 +914,8 @@ def cached_vs_encoded(cfg: Any, latents: str, vae_path: str, device: str, steps:
 def bench_train_ldm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """The real stage-2 training step (one process per case) and cached vs encode-every-step."""
     from latent_diffusion.config import LDMConfig, load_config
-    from latent_diffusion.latents import encode_latents, load_index
+    from latent_diffusion.encode import encode_latents
+    from latent_diffusion.latents import load_index
 
     config = str(Path(args.config or STAGE2_DEMO).resolve())
     steps = args.steps or 10
@@ -1141,7 +1142,7 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     from autoencoderkl.data import demo_image_paths
     from autoencoderkl.model import load_vae
-    from latent_diffusion.latents import Source, load_source
+    from latent_diffusion.encode import Source, load_source
 
     device = default_device()
     resolution = args.resolution or (1024 if device == "cuda" else 512)
@@ -1258,7 +1259,7 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     from autoencoderkl.model import load_vae
     from autoencoderkl.run import set_cpu_threads
-    from latent_diffusion.latents import encode_batch, encode_latents, list_sources
+    from latent_diffusion.encode import encode_batch, encode_latents, list_sources
 
     resolution, batch_size = args.resolution or 64, args.batch_size or 32
     accelerator = Accelerator()

@@ -17,7 +17,7 @@ import latent_diffusion.train as ldm_train
 from autoencoderkl.run import TrainingStopped
 from conftest import reset_accelerate_state, write_photos
 from latent_diffusion.config import load_config
-from latent_diffusion.latents import encode_latents
+from latent_diffusion.encode import encode_latents
 from test_ldm import overrides, tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,9 +145,9 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_matches(cache, tmp_path)
 # shard KILL_AT_SHARD (the bytes so far land under the temporary name, as a real kill leaves).
 ENCODE_DRIVER = """
 import os, runpy, signal, sys
-import latent_diffusion.latents as latents
+import latent_diffusion.encode as encode
 kill_at = int(os.environ.get("KILL_AT_SHARD", "-1"))
-save_file = latents.save_file
+save_file = encode.save_file
 def dying_save_file(tensors, path, metadata=None):
     if f"shard-{kill_at:05d}" in path:
         save_file(tensors, path, metadata=metadata)
@@ -155,7 +155,7 @@ def dying_save_file(tensors, path, metadata=None):
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
     return save_file(tensors, path, metadata=metadata)
-latents.save_file = dying_save_file
+encode.save_file = dying_save_file
 sys.argv = ["encode_latents.py"] + sys.argv[1:]
 runpy.run_path(os.path.join(os.environ["REPO"], "scripts", "encode_latents.py"), run_name="__main__")
 """

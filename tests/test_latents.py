@@ -15,18 +15,12 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-import latent_diffusion.latents as latents
+import latent_diffusion.encode as writer
 from autoencoderkl.data import UnreadableImageWarning
+from autoencoderkl.model import load_vae, vae_weights_sha256
 from conftest import write_photos
-from latent_diffusion.latents import (
-    LatentDataset,
-    Source,
-    encode_latents,
-    list_sources,
-    load_index,
-    load_source,
-    vae_weights_sha256,
-)
+from latent_diffusion.encode import Source, encode_latents, list_sources, load_source
+from latent_diffusion.latents import LatentDataset, load_index
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixels; the tiny VAE downsamples 2x -> (4, 8, 8) latents
@@ -147,7 +141,7 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
     write_photos(photo_dir, n=10, seed=1)  # shards of 4: 4, 4, 2 images; batches of 3: 2 + 2 + 1 forwards
     reference = encode(vae_dir, photo_dir, tmp_path / "ref")
     calls = []
-    real = latents.encode_batch
+    real = writer.encode_batch
 
     def dies_on_the_fourth_forward(vae, images, hflip=False):  # a kill in the middle of shard 1
         calls.append(len(images))
@@ -155,7 +149,7 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
             raise KeyboardInterrupt
         return real(vae, images, hflip)
 
-    monkeypatch.setattr(latents, "encode_batch", dies_on_the_fourth_forward)
+    monkeypatch.setattr(writer, "encode_batch", dies_on_the_fourth_forward)
     out = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         encode(vae_dir, photo_dir, out)
@@ -166,7 +160,7 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
     first = (out / "shard-00000.safetensors").stat()
 
     calls.clear()
-    monkeypatch.setattr(latents, "encode_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    monkeypatch.setattr(writer, "encode_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     index = encode(vae_dir, photo_dir, out)
     assert calls == [3, 1, 2], "only shards 1 and 2 are encoded again"
     again = (out / "shard-00000.safetensors").stat()
@@ -209,9 +203,9 @@ def test_a_mismatched_vae_is_refused_by_the_dataset(vae_dir, photo_dir, tmp_path
 
 def test_vae_hash_follows_the_weights_not_the_file(vae_dir, tmp_path):
     vae = tiny_vae()
-    assert vae_weights_sha256(vae) == vae_weights_sha256(latents.load_vae(vae_dir))
+    assert vae_weights_sha256(vae) == vae_weights_sha256(load_vae(vae_dir))
     vae.save_pretrained(tmp_path / "bin", safe_serialization=False)  # another file format
-    assert vae_weights_sha256(latents.load_vae(tmp_path / "bin")) == vae_weights_sha256(vae)
+    assert vae_weights_sha256(load_vae(tmp_path / "bin")) == vae_weights_sha256(vae)
     with torch.no_grad():
         vae.decoder.conv_out.bias[0] += 1e-6
     assert vae_weights_sha256(vae) != vae_weights_sha256(tiny_vae())
