@@ -67,9 +67,7 @@ file per image, a scale factor from one batch, no record of the VAE).
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 from bisect import bisect_right
 from pathlib import Path
 from typing import Any, Union
@@ -77,6 +75,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from safetensors import safe_open
 from torch import Tensor
 
 from autoencoderkl.model import load_vae, vae_weights_sha256
@@ -88,7 +87,6 @@ INDEX_FILE = "index.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_TEMPLATE = "shard-{:05d}.safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # index.json "dtype" -> torch
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
 
 # --------------------------------------------------------------------------- reading
@@ -123,31 +121,27 @@ def load_index(root: PathLike) -> dict[str, Any]:
 
 
 def map_shard(path: PathLike) -> dict[str, Tensor]:
-    """Zero-copy, memory-mapped views of the tensors of a shard file.
+    """The tensors of a shard file, memory-mapped: nothing is read until a row is indexed.
 
-    The safetensors layout (an 8-byte little-endian header length, a JSON header giving
-    each tensor's dtype, shape and byte range, then the bytes) mapped with ``mmap``
-    copy-on-write and viewed with ``torch.frombuffer``: nothing is read until a row is
-    indexed, every process shares the page cache, and the file is never written. Reading
-    one row this way costs microseconds, against ~65 us for ``safe_open(...).get_slice``.
+    ``safetensors.safe_open(path, framework="pt").get_tensor`` returns tensors whose
+    storage is a private (copy-on-write) memory map of the file
+    (``torch.UntypedStorage.from_file(..., shared=False)``): every process shares the
+    page cache, an in-place change never reaches the file, and the map outlives the
+    handle. Indexing one (4, 32, 32) float32 row of such a tensor takes ~1.6 us on a
+    CPU core, as a hand-made ``mmap`` view did, where ``get_slice(name)[i : i + 1]``
+    takes ~16 us per call.
 
+    Args:
+        path: a ``shard-NNNNN.safetensors`` file.
     Returns:
-        name -> tensor viewing the file (``mean``, ``std``: (N, c, h, w); ``label``: (N,)).
+        name -> tensor: ``mean``, ``std`` (N, c, h, w) in the cache dtype; ``label`` (N,)
+        int64 when the cache is labelled.
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        safetensors.SafetensorError: if it is not a safetensors file.
     """
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    (header_len,) = struct.unpack("<Q", mm[:8])
-    header = json.loads(mm[8 : 8 + header_len])
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        start, stop = info["data_offsets"]
-        count = (stop - start) // dtype.itemsize
-        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + header_len + start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.view(info["shape"])
-    return tensors
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 class LatentDataset(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ from autoencoderkl.data import UnreadableImageWarning
 from autoencoderkl.model import load_vae, vae_weights_sha256
 from conftest import write_photos
 from latent_diffusion.encode import Source, encode_latents, list_sources, load_source
-from latent_diffusion.latents import LatentDataset, load_index
+from latent_diffusion.latents import LatentDataset, load_index, map_shard
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixels; the tiny VAE downsamples 2x -> (4, 8, 8) latents
@@ -230,6 +230,24 @@ def test_corrupt_images_are_skipped_and_counted(vae_dir, photo_dir, tmp_path):
     with torch.no_grad():
         mirrored = tiny_vae().encode(x.flip(-1)).latent_dist.mean[0]
     torch.testing.assert_close(ds[3]["latents"], mirrored, rtol=1e-5, atol=1e-5)
+
+
+def test_map_shard_reads_what_was_written_and_never_writes_the_file(vae_dir, tmp_path):
+    data = tmp_path / "pets"
+    write_photos(data / "cats", n=2, seed=1)
+    write_photos(data / "dogs", n=1, seed=2)
+    index = encode(vae_dir, data, tmp_path / "cache", dtype="bf16")
+    path = tmp_path / "cache" / index["shards"][0]["file"]
+    want = load_file(path)
+    got = map_shard(path)
+    assert got.keys() == want.keys() == {"mean", "std", "label"}
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    before = path.read_bytes()
+    got["mean"].add_(1.0)  # copy-on-write: the process's view changes, the file does not
+    got["label"][0] = 7
+    assert path.read_bytes() == before
+    assert torch.equal(load_file(path)["mean"], want["mean"])
 
 
 def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean(vae_dir, photo_dir, tmp_path):
