@@ -19,6 +19,12 @@ Reading order of this file:
 6. ``_read_shard_meta``, ``_moments``, ``_build_index``: ``index.json`` from the
    manifest and the shards' headers alone (no tensor is read).
 
+Every file (shards, ``manifest.json``, ``index.json``) is written with
+``autoencoderkl.atomic``: under a hidden temporary name ``.NAME.tmp-PID.SUFFIX``,
+fsynced, renamed onto its name, and the folder fsynced, so a reader or a resumed run
+never sees half a file. The temporaries a killed run leaves (``_LEFTOVERS``) are
+removed by the next run before anything is written.
+
 References: Rombach et al. 2022 (LDM), sec. 4.3.2 for the scaling factor; the latent
 caches of facebookresearch/fast-DiT (``extract_features.py``) and CompVis
 latent-diffusion, whose shortcomings this format answers (frozen flip and sample, one
@@ -50,6 +56,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
+from autoencoderkl.atomic import atomic_path, write_atomic
 from autoencoderkl.data import (
     DEMO_TRAIN,
     DEMO_VAL,
@@ -69,6 +76,9 @@ logger = logging.getLogger(__name__)
 # Demo tiles: the photos' shorter side is resized to these multiples of the resolution.
 DEMO_SCALES = (2, 3, 4)
 _MAX_NAMED_WARNINGS = 20  # per process; the rest are only counted
+# Temporary files a killed run can leave in a cache folder: autoencoderkl.atomic's
+# ".NAME.tmp-PID.SUFFIX", and ".NAME.tmp" of caches written before it.
+_LEFTOVERS = (".shard-*.safetensors.tmp*", f".{MANIFEST_FILE}.tmp*", f".{INDEX_FILE}.tmp*")
 
 
 # --------------------------------------------------------------------------- VAE
@@ -296,7 +306,7 @@ def _umask() -> int:
 
 
 class _ShardWriter:
-    """A background thread that writes finished shards atomically (temp name, then rename).
+    """A background thread that writes finished shards atomically (``autoencoderkl.atomic``).
 
     The main thread only hands over tensors; computing the statistics' sums and writing
     happen here, overlapping the next batches' encoding. An error in the thread is
@@ -324,11 +334,9 @@ class _ShardWriter:
         tensors = {k: v.to(self.dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()}
         # Statistics of what is stored (after rounding to the cache dtype).
         meta = {**meta, "plan_sha256": self.plan_sha256, "sums": _shard_sums(tensors["mean"], tensors["std"])}
-        final = self.out / SHARD_TEMPLATE.format(shard)
-        tmp = self.out / f".{final.name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION), "shard": json.dumps(meta)})
-        os.chmod(tmp, self.mode)
-        os.replace(tmp, final)  # never readable half-written
+        with atomic_path(self.out / SHARD_TEMPLATE.format(shard)) as tmp:  # never readable half-written
+            save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION), "shard": json.dumps(meta)})
+            os.chmod(tmp, self.mode)
         self.written.append(shard)
 
     def _check(self) -> None:
@@ -466,12 +474,11 @@ def encode_latents(
     resumed = _check_manifest(out, plan) if out.is_dir() else False
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".shard-*.tmp"):  # left by a killed run; nobody writes yet
-            tmp.unlink()
+        for pattern in _LEFTOVERS:  # temporaries of a killed run; nobody writes yet
+            for tmp in out.glob(pattern):
+                tmp.unlink()
         if not resumed:
-            tmp = out / f".{MANIFEST_FILE}.tmp"
-            tmp.write_text(json.dumps(plan, indent=1))
-            os.replace(tmp, out / MANIFEST_FILE)
+            write_atomic(out / MANIFEST_FILE, json.dumps(plan, indent=1))
     accelerator.wait_for_everyone()
     num_shards = plan["num_shards"]
     missing = [k for k in range(num_shards) if not (out / SHARD_TEMPLATE.format(k)).is_file()]
@@ -488,9 +495,7 @@ def encode_latents(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         index = _build_index(out, plan)
-        tmp = out / f".{INDEX_FILE}.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, out / INDEX_FILE)
+        write_atomic(out / INDEX_FILE, json.dumps(index, indent=1))
         logger.info(
             "wrote %s: %d latents %s of %d images (%d skipped), scaling_factor %.5f, shift_factor %.5f",
             out / INDEX_FILE, index["num_latents"], tuple(latent_shape), len(index["paths"]),

@@ -156,7 +156,11 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match="unfinished latent cache.*rerun"):
         load_index(out)
-    (out / ".shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
+    leftovers = [".shard-00001.safetensors.tmp-4242.safetensors",  # as a kill mid-write leaves (atomic_path)
+                 ".shard-00002.safetensors.tmp",  # ... or left by the writer before autoencoderkl.atomic
+                 ".index.json.tmp-4242.json"]
+    for name in leftovers:
+        (out / name).write_bytes(b"half a file")
     first = (out / "shard-00000.safetensors").stat()
 
     calls.clear()
@@ -165,7 +169,7 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
     assert calls == [3, 1, 2], "only shards 1 and 2 are encoded again"
     again = (out / "shard-00000.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert index == reference
     ref, new = shard_tensors(tmp_path / "ref"), shard_tensors(out)
     assert all(torch.equal(ref[k], new[k]) for k in ref)
