@@ -46,7 +46,9 @@ files, or ``FILE#resizeS_yT_xL`` for demo tiles); ``resolution``; ``hflip``;
 ``dtype`` (a key of ``DTYPES``); ``latent_shape`` [c, h, w]; ``num_latents`` (rows; 2 x
 paths with hflip); ``vae`` {``config``, ``sha256``, ``path`` (absolute)}; ``shards``
 [{``file``, ``num_latents``, ``start``, ``stop``} with start/stop the shard's source
-range in the manifest]; ``stats``; ``scaling_factor`` = 1 / ``stats.global_std``;
+range in the manifest]; ``stats``; ``scaling_factor`` = 1 / ``stats.global_std`` (of
+posterior samples: the default of ``LatentDataset(sample_posterior=True)``; the default
+for ``sample_posterior=False`` is 1 / ``stats.posterior_mean.global_std``);
 ``shift_factor`` = ``stats.global_mean``; ``classes`` (names in label order, only when
 labelled); ``skipped`` [{``path``, ``reason``}] and ``num_skipped``; ``data``.
 
@@ -55,8 +57,9 @@ exact expectation over eps (not a single draw): per channel c, ``mean[c]`` = E[m
 and ``std[c]`` = sqrt(E[mean_c^2 + std_c^2] - E[mean_c]^2), over all rows and
 positions; ``global_mean``/``global_std`` the same over all channels (Rombach et al.
 2022, sec. 4.3.2, where a single batch was used). ``stats.posterior_mean`` holds the
-same four figures for the posterior mean alone (std_c taken as 0), the latents of
-``LatentDataset(sample_posterior=False)``.
+same four figures (``mean``, ``std``, ``global_mean``, ``global_std``) for the posterior
+mean alone (std_c taken as 0), the z of ``LatentDataset(sample_posterior=False)``.
+``stats.of`` says this in words; ``stats.values_per_channel`` counts rows x h x w.
 
 References: Rombach et al. 2022 (LDM), sec. 4.3.2 for the scaling factor; the latent
 caches of facebookresearch/fast-DiT (``extract_features.py``) and CompVis
@@ -156,8 +159,13 @@ class LatentDataset(torch.utils.data.Dataset):
     eps ~ N(0, I) drawn fresh on every call from torch's global RNG (DataLoader workers
     are seeded apart), or ``z = mean`` with ``sample_posterior=False``.
 
-    ``scaling_factor`` defaults to the cache's (1 / std of z over the cache, Rombach et
-    al. 2022, sec. 4.3.2). ``shift_factor`` defaults to 0.0, NOT the cache's recorded
+    ``scaling_factor`` defaults to 1 / the global std, over the whole cache, of the z this
+    dataset draws, so that the latents have unit variance (Rombach et al. 2022, sec.
+    4.3.2): with ``sample_posterior=True``, the cache's ``index["scaling_factor"]`` (1 /
+    ``stats.global_std``, the std of posterior samples); with ``sample_posterior=False``,
+    1 / ``index["stats"]["posterior_mean"]["global_std"]``, the std of the posterior
+    means, which is smaller by the posterior's own variance (so this factor is larger).
+    ``shift_factor`` defaults to 0.0 in both modes, NOT the cache's recorded
     ``shift_factor`` (its global mean): Stable Diffusion 1.x and 2.x use
     ``latents = z * scaling_factor`` with no shift; pass ``shift_factor=ds.index
     ["shift_factor"]`` for the SD3/FLUX-style ``(z - shift) * scale``. Whatever is
@@ -167,7 +175,8 @@ class LatentDataset(torch.utils.data.Dataset):
     Args:
         root: the cache folder (holding ``index.json``).
         sample_posterior: draw z from the posterior (True) or take its mean (False).
-        scaling_factor: override for the cache's ``scaling_factor``.
+        scaling_factor: the factor to multiply by; None: the one that gives unit variance
+            in this mode (see above).
         shift_factor: the shift to subtract; None: 0.0 (see above).
         vae: the VAE stage 2 will decode with (a model, or a path for ``load_vae``). Its
             ``vae_weights_sha256`` must equal the cache's ``index["vae"]["sha256"]``.
@@ -202,7 +211,14 @@ class LatentDataset(torch.utils.data.Dataset):
                     f"--out <new dir>, or use the VAE that made the cache ({self.index['vae'].get('path')})."
                 )
         self.sample_posterior = sample_posterior
-        self.scaling_factor = float(self.index["scaling_factor"] if scaling_factor is None else scaling_factor)
+        if scaling_factor is None and sample_posterior:
+            scaling_factor = self.index["scaling_factor"]  # 1 / std of posterior samples
+        elif scaling_factor is None:  # 1 / std of the posterior means
+            std = self.index["stats"]["posterior_mean"]["global_std"]
+            if not std > 0:
+                raise ValueError(f"the posterior means in {self.root} have standard deviation {std}: pass a scaling_factor")
+            scaling_factor = 1.0 / std
+        self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
         self.latent_shape = tuple(self.index["latent_shape"])
         self.class_names = self.index.get("classes")

@@ -259,6 +259,7 @@ def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean
     index = encode(vae_dir, photo_dir, out)
     mean = shard_tensors(out)["mean"]
     scale = index["scaling_factor"]
+    scale_of_means = 1 / index["stats"]["posterior_mean"]["global_std"]
 
     ds = LatentDataset(out)
     a, b = ds[2]["latents"], ds[2]["latents"]
@@ -267,8 +268,9 @@ def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean
     assert ds.latent_shape == (4, 8, 8) and ds.num_classes is None and ds.class_names is None
 
     det = LatentDataset(out, sample_posterior=False)
-    assert torch.equal(det[2]["latents"], mean[2] * scale)
-    assert torch.equal(det[-1]["latents"], mean[5] * scale)
+    assert det.scaling_factor == scale_of_means and det.shift_factor == 0.0
+    assert torch.equal(det[2]["latents"], mean[2] * scale_of_means)
+    assert torch.equal(det[-1]["latents"], mean[5] * scale_of_means)
     shifted = LatentDataset(out, sample_posterior=False, scaling_factor=0.5, shift_factor=0.25)
     assert torch.equal(shifted[2]["latents"], (mean[2] - 0.25) * 0.5)
     with pytest.raises(IndexError):
@@ -276,7 +278,24 @@ def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean
 
     loader = torch.utils.data.DataLoader(det, batch_size=4, num_workers=2)  # shards opened in each worker
     batches = list(loader)
-    torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), mean * scale)
+    torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), mean * scale_of_means)
+
+
+def test_default_scaling_gives_unit_variance_for_posterior_samples_and_for_means(vae_dir, photo_dir, tmp_path):
+    """1 / std of what each mode returns: samples z = mean + std * eps, or the means alone."""
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out, hflip=True)
+    means = LatentDataset(out, sample_posterior=False)
+    x = torch.stack([means[i]["latents"] for i in range(len(means))]).double()  # (12, 4, 8, 8)
+    assert x.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    # The means spread less than the samples (by the posterior's variance): a larger factor.
+    assert means.scaling_factor > 1.5 * index["scaling_factor"]
+
+    torch.manual_seed(0)
+    samples = LatentDataset(out)
+    assert samples.scaling_factor == index["scaling_factor"]  # index.json keeps the samples' factor
+    z = torch.stack([samples[i]["latents"] for i in range(len(samples)) for _ in range(20)]).double()
+    assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=0.03)
 
 
 def test_class_subfolders_become_labels(vae_dir, tmp_path):
