@@ -153,7 +153,9 @@ class LatentDataset(torch.utils.data.Dataset):
     Item i is row i of the cache (shards concatenated in order). With ``hflip`` caches,
     row 2k is ``index["paths"][k]`` and row 2k+1 the same image mirrored; ``source(i)``
     says which. The shards are memory-mapped (``map_shard``, opened lazily in each
-    process, so DataLoader workers share the page cache); reading a row copies it.
+    process, so DataLoader workers share the page cache); reading a row copies it. A
+    worker holds one file name and one row offset per shard, not the index: the list
+    of sources (``index["paths"]``) is read only when ``source`` is called.
 
     ``latents = (z - shift_factor) * scaling_factor`` with ``z = mean + std * eps``,
     eps ~ N(0, I) drawn fresh on every call from torch's global RNG (DataLoader workers
@@ -181,7 +183,8 @@ class LatentDataset(torch.utils.data.Dataset):
         vae: the VAE stage 2 will decode with (a model, or a path for ``load_vae``). Its
             ``vae_weights_sha256`` must equal the cache's ``index["vae"]["sha256"]``.
     Attributes:
-        index: the ``index.json`` dict.
+        index: the ``index.json`` dict, read from the file on each access (the dataset
+            does not hold it; see the property).
         latent_shape: (c, h, w).
         num_classes / class_names: label count and names, or None when unlabelled.
         scaling_factor / shift_factor: the values applied.
@@ -199,52 +202,78 @@ class LatentDataset(torch.utils.data.Dataset):
         vae: AutoencoderKL | PathLike | None = None,
     ) -> None:
         self.root = Path(root)
-        self.index = load_index(self.root)
+        index = load_index(self.root)  # not kept: its "paths" lists every image (see ``index``)
         if vae is not None:
             model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae)
             sha = vae_weights_sha256(model)
-            if sha != self.index["vae"]["sha256"]:
+            if sha != index["vae"]["sha256"]:
                 raise ValueError(
                     f"the latent cache {self.root} was encoded by a VAE with weights sha256 "
-                    f"{self.index['vae']['sha256']}, but the VAE given has sha256 {sha}: its latents "
+                    f"{index['vae']['sha256']}, but the VAE given has sha256 {sha}: its latents "
                     f"would decode to garbage. Re-encode with scripts/encode_latents.py --vae <this VAE> "
-                    f"--out <new dir>, or use the VAE that made the cache ({self.index['vae'].get('path')})."
+                    f"--out <new dir>, or use the VAE that made the cache ({index['vae'].get('path')})."
                 )
         self.sample_posterior = sample_posterior
         if scaling_factor is None and sample_posterior:
-            scaling_factor = self.index["scaling_factor"]  # 1 / std of posterior samples
+            scaling_factor = index["scaling_factor"]  # 1 / std of posterior samples
         elif scaling_factor is None:  # 1 / std of the posterior means
-            std = self.index["stats"]["posterior_mean"]["global_std"]
+            std = index["stats"]["posterior_mean"]["global_std"]
             if not std > 0:
                 raise ValueError(f"the posterior means in {self.root} have standard deviation {std}: pass a scaling_factor")
             scaling_factor = 1.0 / std
         self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
-        self.latent_shape = tuple(self.index["latent_shape"])
-        self.class_names = self.index.get("classes")
+        self.latent_shape = tuple(index["latent_shape"])
+        self.class_names = index.get("classes")
         self.num_classes = len(self.class_names) if self.class_names is not None else None
-        self._files = [self.root / s["file"] for s in self.index["shards"]]
-        self._offsets = np.cumsum([0] + [s["num_latents"] for s in self.index["shards"]]).tolist()
-        self._views = 2 if self.index["hflip"] else 1
-        self._handles: dict[int, Any] = {}
+        # What __getitem__ needs: one file name and one row offset per shard.
+        self._files = [s["file"] for s in index["shards"]]
+        self._offsets = np.cumsum([0] + [s["num_latents"] for s in index["shards"]]).tolist()
+        self._views = 2 if index["hflip"] else 1
+        self._handles: dict[int, Any] = {}  # shard -> map_shard's tensors, in process _pid
         self._pid = None
+        self._paths: list[str] | None = None  # index["paths"], read by the first source()
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """The whole ``index.json`` dict (``load_index``), read from the file on each access.
+
+        The dataset itself keeps only what reading rows needs (shard files and row
+        offsets), not the index: its ``paths`` holds one string per image, which for
+        millions of images would be copied into every DataLoader worker. Keep the
+        returned dict to use it more than once.
+        """
+        return load_index(self.root)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": {}, "_pid": None}  # handles are per process
+        # Shard maps are per process; the source list is read again where it is needed.
+        return {**self.__dict__, "_handles": {}, "_pid": None, "_paths": None}
 
     def __len__(self) -> int:
         """Number of latents (rows): images, or 2 x images with hflip."""
         return self._offsets[-1]
 
     def source(self, i: int) -> tuple[str, bool]:
-        """(the source path of row i, whether it is the mirrored view)."""
-        return self.index["paths"][i // self._views], bool(i % self._views)
+        """(the source path of row i, as in ``index["paths"]``; whether it is the mirrored view).
+
+        The first call reads ``index["paths"]`` and keeps it in this process.
+
+        Raises:
+            IndexError: if i is out of range.
+        """
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a latent cache of {n} rows")
+        if self._paths is None:
+            self._paths = load_index(self.root)["paths"]
+        i %= n
+        return self._paths[i // self._views], bool(i % self._views)
 
     def _shard(self, shard: int) -> dict[str, Tensor]:
         if self._pid != os.getpid():  # first use in this process (e.g. a forked worker)
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = map_shard(self._files[shard])
+            self._handles[shard] = map_shard(self.root / self._files[shard])
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -296,6 +297,28 @@ def test_default_scaling_gives_unit_variance_for_posterior_samples_and_for_means
     assert samples.scaling_factor == index["scaling_factor"]  # index.json keeps the samples' factor
     z = torch.stack([samples[i]["latents"] for i in range(len(samples)) for _ in range(20)]).double()
     assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_dataset_holds_no_source_list_and_pickles_without_open_shards(vae_dir, photo_dir, tmp_path):
+    """What a DataLoader worker gets: shard names and offsets, not index["paths"] (one string per image)."""
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out, hflip=True)
+    ds = LatentDataset(out, sample_posterior=False)
+    rows = [ds[i]["latents"] for i in range(len(ds))]  # every shard mapped in this process
+    assert "index" not in vars(ds) and ds.index == index == load_index(out)
+
+    def holds_a_source_path(blob: bytes) -> bool:
+        return any(Path(p).name.encode() in blob for p in index["paths"])
+
+    assert not holds_a_source_path(pickle.dumps(ds))
+    assert ds.source(3) == (index["paths"][1], True) and ds.source(-1) == (index["paths"][-1], True)
+    with pytest.raises(IndexError):
+        ds.source(len(ds))
+    blob = pickle.dumps(ds)  # after source(): the list read for it stays in this process
+    assert not holds_a_source_path(blob)
+    copy = pickle.loads(blob)
+    assert all(torch.equal(copy[i]["latents"], rows[i]) for i in range(len(ds)))
+    assert copy.source(2) == (index["paths"][1], False)
 
 
 def test_class_subfolders_become_labels(vae_dir, tmp_path):
