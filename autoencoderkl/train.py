@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import VAEConfig
-from .data import ImageFolder, demo_image_paths, list_images
+from .data import ImageFolder, broadcast_paths, demo_image_paths, list_images
 from .discriminator import NLayerDiscriminator
 from .losses import AutoencoderLoss, build_perceptual
 from .metrics import psnr_ssim_8bit
@@ -213,15 +213,17 @@ def main(
     ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=AutoencoderKL, model_config=vae.config) if cfg.train.use_ema else None
 
     # ---- data ---------------------------------------------------------------------
-    train_paths, val_paths = split_paths(cfg)
+    # The main process lists the folders; the other ranks receive the list (a million
+    # files on network storage are walked once, not once per rank).
+    train_paths, val_paths = broadcast_paths(accelerator, lambda: split_paths(cfg))
     train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
                             cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
                             permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
     val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
     val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
-    logger.info(
-        "data: %d training images (%d unreadable skipped), %d validation crops of %d px from %d images",
-        len(train_set), len(train_set.skipped), len(val_images), cfg.data.resolution, len(val_set.paths),
+    logger.info(  # unreadable training files are found (skipped, counted) when first read
+        "data: %d training images, %d validation crops of %d px from %d images",
+        len(train_set), len(val_images), cfg.data.resolution, len(val_set.paths),
     )
 
     vae_forward = AutoencoderWithPosterior(vae)
@@ -336,6 +338,7 @@ def main(
             if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
                 logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "images_per_sec")
                 logs["lr"] = opt_g.param_groups[0]["lr"]
+                logs["skipped_images"] = train_set.num_skipped(accelerator)  # on any rank; a collective
                 write_logs(accelerator, metrics_log, global_step, logs, guard)
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
                                      g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)

@@ -85,7 +85,8 @@ class DataConfig:
     sample_posterior: bool = True
     # The U-Net sees latents = (z - shift_factor) * scaling_factor; both are written into
     # pipeline/vae/config.json, which sampling divides out again.
-    # scaling_factor null: the cache's (1 / std of its latents, LDM sec. 4.3.2).
+    # scaling_factor null: 1 / std of what is trained on (LDM sec. 4.3.2), from the cache's
+    # statistics: of the posterior samples, or of the means with sample_posterior false.
     # shift_factor null: 0.0, as SD 1.x/2.x. (The cache's index.json records the latents'
     # mean as its shift_factor; pass that for an SD3-style centred latent space.)
     scaling_factor: Optional[float] = None

@@ -1,17 +1,19 @@
-"""The latent cache: encode an image folder once, train stage 2 on the stored posteriors.
+"""The latent cache, reader side: its format, ``load_index`` and ``LatentDataset``.
+
+Stage 2 trains on a folder of posteriors that ``latent_diffusion/encode.py``
+(``encode_latents``, run by ``scripts/encode_latents.py``) writes once from an image
+folder. This module defines that folder's format (described below, with the constants
+both sides share) and reads it.
 
 Reading order of this file:
 
-1. ``vae_weights_sha256``: the fingerprint that ties a cache to the VAE that made it.
-2. ``list_sources`` / ``load_source``: what gets encoded (the images of a folder, with
-   labels from class subfolders, or the tiles of the demo photos) and the exact pixels.
-3. ``encode_latents``: sources -> DataLoader workers (decode, resize, crop) -> VAE
-   posterior -> ``shard-NNNNN.safetensors`` files written by a background thread ->
-   ``index.json`` with the statistics. Any number of processes under Accelerate;
-   resumable after a kill.
-4. ``load_index`` and ``LatentDataset``: what stage 2 reads.
+1. The format, below, and its constants ``FORMAT_VERSION``, ``INDEX_FILE``,
+   ``MANIFEST_FILE``, ``SHARD_TEMPLATE``, ``DTYPES``.
+2. ``load_index``: ``index.json``, checked.
+3. ``map_shard``: a shard's tensors, memory-mapped.
+4. ``LatentDataset``: rows -> scaled latents (posterior samples or means) for stage 2.
 
-The cache (``../shared/DESIGN.md``, format version 1)::
+The cache, format version 1::
 
     LATENTS/
       manifest.json            the plan, written before encoding: settings, VAE hash and
@@ -19,7 +21,13 @@ The cache (``../shared/DESIGN.md``, format version 1)::
       shard-00000.safetensors  rows of one shard: "mean", "std" (N, c, h, w) in the cache
       shard-00001.safetensors  dtype (posterior mean and standard deviation of z), and
       ...                      "label" (N,) int64 when the folder has class subfolders
-      index.json               written last, by the main process: see ``encode_latents``
+      index.json               written last, by the main process: keys below
+
+Each shard's safetensors metadata holds ``format_version`` and ``shard``: a JSON object
+with its source range ``start``/``stop``, the ``skipped`` sources [[position, reason]],
+the ``plan_sha256`` of the manifest it belongs to, and ``sums``: per-channel float64
+sums (``count``, ``sum_mean``, ``sum_mean_sq``, ``sum_var``) of what it stores, from
+which ``index.json``'s statistics are built without reading a tensor.
 
 Shard ``k`` holds sources ``[k * shard_size, (k + 1) * shard_size)`` of the manifest, so
 its content depends on that range alone, never on which rank wrote it or when: one
@@ -33,6 +41,26 @@ With ``hflip`` every source is encoded twice, as is and mirrored left-right (the
 are flipped before encoding; the VAE is not flip-equivariant, so flipping a latent would
 be wrong): row ``2 k`` of the cache is ``paths[k]``, row ``2 k + 1`` its mirror image.
 
+``index.json`` keys: ``format_version``; ``paths`` (encoded sources in cache order:
+files, or ``FILE#resizeS_yT_xL`` for demo tiles); ``resolution``; ``hflip``;
+``dtype`` (a key of ``DTYPES``); ``latent_shape`` [c, h, w]; ``num_latents`` (rows; 2 x
+paths with hflip); ``vae`` {``config``, ``sha256``, ``path`` (absolute)}; ``shards``
+[{``file``, ``num_latents``, ``start``, ``stop``} with start/stop the shard's source
+range in the manifest]; ``stats``; ``scaling_factor`` = 1 / ``stats.global_std`` (of
+posterior samples: the default of ``LatentDataset(sample_posterior=True)``; the default
+for ``sample_posterior=False`` is 1 / ``stats.posterior_mean.global_std``);
+``shift_factor`` = ``stats.global_mean``; ``classes`` (names in label order, only when
+labelled); ``skipped`` [{``path``, ``reason``}] and ``num_skipped``; ``data``.
+
+``stats`` are of posterior samples z = mean + std * eps over the whole cache, taken in
+exact expectation over eps (not a single draw): per channel c, ``mean[c]`` = E[mean_c]
+and ``std[c]`` = sqrt(E[mean_c^2 + std_c^2] - E[mean_c]^2), over all rows and
+positions; ``global_mean``/``global_std`` the same over all channels (Rombach et al.
+2022, sec. 4.3.2, where a single batch was used). ``stats.posterior_mean`` holds the
+same four figures (``mean``, ``std``, ``global_mean``, ``global_std``) for the posterior
+mean alone (std_c taken as 0), the z of ``LatentDataset(sample_posterior=False)``.
+``stats.of`` says this in words; ``stats.values_per_channel`` counts rows x h x w.
+
 References: Rombach et al. 2022 (LDM), sec. 4.3.2 for the scaling factor; the latent
 caches of facebookresearch/fast-DiT (``extract_features.py``) and CompVis
 latent-diffusion, whose shortcomings this format answers (frozen flip and sample, one
@@ -41,45 +69,19 @@ file per image, a scale factor from one batch, no record of the VAE).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import mmap
 import os
-import queue
-import struct
-import threading
-import warnings
 from bisect import bisect_right
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from accelerate import Accelerator
 from diffusers import AutoencoderKL
-from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
-from torch.utils.data import DataLoader
-from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
 
-from autoencoderkl.data import (
-    DEMO_TRAIN,
-    DEMO_VAL,
-    UnreadableImageWarning,
-    demo_image_paths,
-    list_images,
-    load_rgb,
-    to_tensor,
-)
-from autoencoderkl.model import load_vae, vae_weights_sha256  # re-exported: the cache's VAE fingerprint
-from autoencoderkl.run import build_accelerator, set_cpu_threads
-
-logger = logging.getLogger(__name__)
+from autoencoderkl.model import load_vae, vae_weights_sha256
 
 PathLike = Union[str, os.PathLike]
 
@@ -87,610 +89,7 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 MANIFEST_FILE = "manifest.json"
 SHARD_TEMPLATE = "shard-{:05d}.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-# Demo tiles: the photos' shorter side is resized to these multiples of the resolution.
-DEMO_SCALES = (2, 3, 4)
-_MAX_NAMED_WARNINGS = 20  # per process; the rest are only counted
-
-
-# --------------------------------------------------------------------------- VAE hash
-
-
-def _vae_config(vae: AutoencoderKL) -> dict[str, Any]:
-    """The VAE's ``config.json`` content (public keys), JSON-ready."""
-    return json.loads(json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}, default=list))
-
-
-def _latent_shape(vae: AutoencoderKL, resolution: int) -> tuple[int, int, int]:
-    """(c, h, w) of the latents of a (3, resolution, resolution) image."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if resolution % factor:
-        raise ValueError(
-            f"resolution {resolution} is not divisible by the VAE's downsampling factor {factor}; "
-            f"use a multiple of {factor}, e.g. {max(factor, resolution // factor * factor)}"
-        )
-    return vae.config.latent_channels, resolution // factor, resolution // factor
-
-
-# --------------------------------------------------------------------------- sources
-
-
-class Source(NamedTuple):
-    """One image to encode: a file, and which square of it.
-
-    ``resize`` None: the shorter side is resized to the resolution and the centre square
-    is cropped (folders). Otherwise the shorter side is resized to ``resize`` pixels and
-    the square at (``top``, ``left``) is cropped (demo tiles).
-    """
-
-    path: Path
-    resize: int | None = None
-    top: int = 0
-    left: int = 0
-
-    def name(self) -> str:
-        """The string ``index.json["paths"]`` records: the path, plus ``#resizeS_yT_xL`` for a tile."""
-        if self.resize is None:
-            return str(self.path)
-        return f"{self.path}#resize{self.resize}_y{self.top}_x{self.left}"
-
-
-def _demo_sources(resolution: int) -> tuple[list[Source], list[int], list[str]]:
-    """Every non-overlapping tile of the demo photos at shorter sides 2, 3, 4 x resolution.
-
-    The demo VAE learnt 64 px crops of photos whose shorter side was 128 px (2x); the
-    3x and 4x scales zoom further in (smoother content, which the VAE reconstructs at
-    least as well) and bring the count to a few hundred: 308 tiles at resolution 64.
-    Each scale's grid of ``rows x cols`` tiles is centred (the leftover margin is split
-    evenly); tiles go photo by photo, scale by scale, row-major. Label = the photo.
-    """
-    photos = demo_image_paths("train") + demo_image_paths("val")
-    sources: list[Source] = []
-    labels: list[int] = []
-    for label, path in enumerate(photos):
-        with Image.open(path) as im:
-            w, h = im.size
-        for scale in DEMO_SCALES:
-            short = scale * resolution
-            # torchvision's resize to an int: shorter side -> short, longer -> int(short * long / shorter).
-            rw, rh = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            rows, cols = rh // resolution, rw // resolution
-            top0, left0 = (rh - rows * resolution) // 2, (rw - cols * resolution) // 2
-            for r in range(rows):
-                for c in range(cols):
-                    sources.append(Source(path, short, top0 + r * resolution, left0 + c * resolution))
-                    labels.append(label)
-    classes = [Path(name).stem for name in DEMO_TRAIN + DEMO_VAL]
-    return sources, labels, classes
-
-
-def list_sources(data: PathLike, resolution: int) -> tuple[list[Source], list[int] | None, list[str] | None]:
-    """What ``encode_latents`` encodes, in cache order, with labels.
-
-    A folder: every image under it, recursively, in sorted path order
-    (``autoencoderkl.data.list_images``). If every image sits inside a subfolder of
-    ``data`` (none at its top level), the folder is labelled as torchvision's
-    ``ImageFolder`` does: the sorted names of the subfolders holding images are the
-    classes 0..K-1, and an image's label is the subfolder it sits in. ``"demo"``: the
-    tiles of the photos scikit-image ships (``_demo_sources``), labelled by photo.
-
-    Args:
-        data: a folder path, or ``"demo"``.
-        resolution: side of the square crops in pixels (sets the demo tiles).
-    Returns:
-        ``(sources, labels, classes)``; ``labels`` (one int per source) and ``classes``
-        (names in label order) are None for an unlabelled folder.
-    Raises:
-        FileNotFoundError: if ``data`` is not a folder.
-        ValueError: if it holds no image files.
-    """
-    if str(data) == "demo":
-        return _demo_sources(resolution)
-    root = Path(data).resolve()
-    paths = list_images(root)
-    parts = [p.relative_to(root).parts for p in paths]
-    if any(len(q) == 1 for q in parts):  # images at the top level: no classes
-        return [Source(p) for p in paths], None, None
-    classes = sorted({q[0] for q in parts})
-    label_of = {name: i for i, name in enumerate(classes)}
-    return [Source(p) for p in paths], [label_of[q[0]] for q in parts], classes
-
-
-def load_source(source: Source, resolution: int) -> Tensor:
-    """Decode one source into the exact pixels the cache encodes.
-
-    ``autoencoderkl.data.load_rgb`` (any mode -> 8-bit RGB, EXIF orientation), a bicubic
-    antialiased resize of the shorter side (to ``resolution``, or ``source.resize`` for a
-    tile), then the square crop (centre, or the tile's box).
-
-    Args:
-        source: a ``Source`` from ``list_sources``.
-        resolution: side of the square in pixels.
-    Returns:
-        (3, resolution, resolution) float32 in [-1, 1].
-    Raises:
-        OSError: if the file cannot be decoded (also for decompression bombs).
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = load_rgb(source.path)
-        except Image.DecompressionBombWarning as exc:
-            raise OSError(f"cannot read image {source.path}: decompression bomb: {exc}") from exc
-    return _crop(img, source, resolution)
-
-
-def _resize(img: Image.Image, short: int) -> Image.Image:
-    """Shorter side -> ``short`` pixels (bicubic, antialiased), aspect ratio kept."""
-    if min(img.size) == short:
-        return img
-    return TF.resize(img, short, interpolation=InterpolationMode.BICUBIC, antialias=True)
-
-
-def _crop(img: Image.Image, source: Source, resolution: int) -> Tensor:
-    """Resize (unless already done) and crop the source's square -> (3, R, R) in [-1, 1]."""
-    img = _resize(img, resolution if source.resize is None else source.resize)
-    if source.resize is None:
-        img = TF.center_crop(img, [resolution, resolution])
-    else:
-        img = TF.crop(img, source.top, source.left, resolution, resolution)
-    return to_tensor(img)
-
-
-class _SourceImages(torch.utils.data.Dataset):
-    """Worker side: position -> (position, pixels or None, failure reason or None)."""
-
-    def __init__(self, sources: Sequence[Source], resolution: int):
-        self.sources, self.resolution = sources, resolution
-        self._last: tuple[tuple[Path, int], Image.Image] | None = None  # demo: tiles share a photo
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, pos: int) -> tuple[int, Tensor | None, str | None]:
-        source = self.sources[pos]
-        try:
-            if source.resize is None:
-                return pos, load_source(source, self.resolution), None
-            key = (source.path, source.resize)
-            if self._last is None or self._last[0] != key:
-                self._last = (key, _resize(load_rgb(source.path), source.resize))
-            return pos, _crop(self._last[1], source, self.resolution), None
-        except FileNotFoundError:
-            return pos, None, "file not found"
-        except OSError as exc:
-            return pos, None, str(exc)
-
-
-def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> dict[str, Any]:
-    """Worker side: stack the decoded images of a batch, keep the failures apart."""
-    ok = [x for _, x, _ in items if x is not None]
-    return {
-        "positions": [pos for pos, _, _ in items],
-        "images": torch.stack(ok) if ok else None,  # (k, 3, R, R) float32 in [-1, 1]
-        "ok": [x is not None for _, x, _ in items],
-        "failed": [(pos, reason) for pos, x, reason in items if x is None],
-    }
-
-
-# --------------------------------------------------------------------------- encoding
-
-
-@torch.no_grad()
-def encode_batch(vae: AutoencoderKL, images: Tensor, hflip: bool = False) -> tuple[Tensor, Tensor]:
-    """Images -> posterior mean and standard deviation of z (one VAE forward).
-
-    Args:
-        vae: the frozen ``AutoencoderKL``, in eval mode.
-        images: (B, 3, H, W) float32 in [-1, 1] on the VAE's device.
-        hflip: also encode each image mirrored left-right.
-    Returns:
-        ``(mean, std)``, each (B, c, H/f, W/f) float32, or (2B, ...) with ``hflip``: rows
-        2k and 2k+1 are image k and its mirror. ``std = exp(logvar / 2)`` with logvar
-        clamped to [-30, 20] (diffusers' ``DiagonalGaussianDistribution``).
-    """
-    if hflip:
-        images = torch.stack([images, images.flip(-1)], dim=1).flatten(0, 1)  # (2B, 3, H, W)
-    posterior = vae.encode(images).latent_dist
-    return posterior.mean.float(), posterior.std.float()
-
-
-def _shard_sums(mean: Tensor, std: Tensor) -> dict[str, Any]:
-    """Per-channel float64 sums of mean, mean^2 and std^2 over (N, h, w), in numpy.
-
-    numpy's single-threaded pairwise summation makes the sums independent of the thread
-    count, so any number of processes gives bit-identical statistics.
-    """
-    m = mean.double().numpy()
-    v = std.double().numpy() ** 2
-    return {
-        "count": int(m.shape[0] * m.shape[2] * m.shape[3]),  # values per channel
-        "sum_mean": m.sum(axis=(0, 2, 3)).tolist(),
-        "sum_mean_sq": (m * m).sum(axis=(0, 2, 3)).tolist(),
-        "sum_var": v.sum(axis=(0, 2, 3)).tolist(),
-    }
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-class _ShardWriter:
-    """A background thread that writes finished shards atomically (temp name, then rename).
-
-    The main thread only hands over tensors; computing the statistics' sums and writing
-    happen here, overlapping the next batches' encoding. An error in the thread is
-    raised again in the main thread at the next ``put`` or at ``close``.
-    """
-
-    def __init__(self, out: Path, dtype: torch.dtype, plan_sha256: str):
-        self.out, self.dtype, self.plan_sha256 = out, dtype, plan_sha256
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.written: list[int] = []
-        self.mode = 0o666 & ~_umask()  # safetensors creates files 0600; shards are for sharing
-        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (job := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self._write(*job)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
-                    self.error = exc
-
-    def _write(self, shard: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        tensors = {k: v.to(self.dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in tensors.items()}
-        # Statistics of what is stored (after rounding to the cache dtype).
-        meta = {**meta, "plan_sha256": self.plan_sha256, "sums": _shard_sums(tensors["mean"], tensors["std"])}
-        final = self.out / SHARD_TEMPLATE.format(shard)
-        tmp = self.out / f".{final.name}.tmp"
-        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION), "shard": json.dumps(meta)})
-        os.chmod(tmp, self.mode)
-        os.replace(tmp, final)  # never readable half-written
-        self.written.append(shard)
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"writing a shard into {self.out} failed: {self.error}") from self.error
-
-    def put(self, shard: int, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        self._check()
-        self.queue.put((shard, tensors, meta))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        self._check()
-
-
-def _check_manifest(out: Path, plan: dict[str, Any]) -> bool:
-    """Compare a cache dir's manifest with this run's plan. True if one exists (a resume).
-
-    Raises:
-        ValueError: if the dir was (partly) encoded by another VAE, with other settings,
-            or from another list of sources.
-    """
-    path = out / MANIFEST_FILE
-    if not path.is_file():
-        if (out / INDEX_FILE).is_file() or any(out.glob("shard-*.safetensors")):
-            raise ValueError(f"{out} holds shards or an index.json but no {MANIFEST_FILE}; choose another --out or delete {out}")
-        return False
-    old = json.loads(path.read_text())
-    advice = f"Rerun with the arguments it was made with to resume it, or choose another --out (or delete {out})."
-    if old.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{out} holds a cache of format_version {old.get('format_version')}, this code writes {FORMAT_VERSION}. {advice}")
-    if old["vae"]["sha256"] != plan["vae"]["sha256"]:
-        raise ValueError(
-            f"{out} was encoded by a different VAE: its weights have sha256 {old['vae']['sha256']}, "
-            f"the VAE given now has {plan['vae']['sha256']}. {advice}"
-        )
-    diffs = [f"{k}: cache {old['settings'].get(k)!r}, now {v!r}" for k, v in plan["settings"].items() if old["settings"].get(k) != v]
-    if diffs:
-        raise ValueError(f"{out} was encoded with other settings ({'; '.join(diffs)}). {advice}")
-    if old["sources"] != plan["sources"] or old.get("labels") != plan.get("labels"):
-        added = len(set(plan["sources"]) - set(old["sources"]))
-        removed = len(set(old["sources"]) - set(plan["sources"]))
-        raise ValueError(
-            f"the images of {plan['settings']['data']} changed since {out} was started "
-            f"({added} added, {removed} gone, or their order or labels differ). {advice}"
-        )
-    return True
-
-
-def encode_latents(
-    vae_path: PathLike,
-    data: PathLike,
-    out: PathLike,
-    resolution: int = 256,
-    hflip: bool = False,
-    batch_size: int = 32,
-    dtype: str = "fp32",
-    num_workers: int = 2,
-    shard_size: int = 256,
-    accelerator: Accelerator | None = None,
-    cpu_threads: int | None = None,
-) -> dict[str, Any]:
-    """Encode an image folder (or the demo photos) into a latent cache at ``out``.
-
-    Every process of an Accelerate launch calls this. Every process lists the sources,
-    hashes the VAE and checks an existing ``manifest.json`` against them (so all raise
-    the same errors); the main process writes it on a first run. The shards not yet on
-    disk are dealt to the
-    ranks round-robin (rank r takes the r-th, (r + N)-th, ... missing shard); each rank
-    decodes its images in ``num_workers`` DataLoader workers, encodes them in batches that
-    never straddle a shard, and hands each finished shard to a writer thread. After all
-    ranks finish, the main process reads every shard's header and writes ``index.json``.
-    A rerun with the same arguments keeps the finished shards and encodes only the
-    missing ones (a shard interrupted mid-write exists only under a temporary name).
-
-    ``index.json`` keys: ``format_version``; ``paths`` (encoded sources in cache order:
-    files, or ``FILE#resizeS_yT_xL`` for demo tiles); ``resolution``; ``hflip``;
-    ``dtype``; ``latent_shape`` [c, h, w]; ``num_latents`` (rows; 2 x paths with hflip);
-    ``vae`` {``config``, ``sha256``, ``path`` (absolute)}; ``shards`` [{``file``, ``num_latents``,
-    ``start``, ``stop``} with start/stop the shard's source range in the manifest];
-    ``stats``; ``scaling_factor`` = 1 / ``stats.global_std``; ``shift_factor`` =
-    ``stats.global_mean``; ``classes`` (names in label order, only when labelled);
-    ``skipped`` [{``path``, ``reason``}] and ``num_skipped``; ``data``.
-
-    ``stats`` are of posterior samples z = mean + std * eps over the whole cache, taken
-    in exact expectation over eps (not a single draw): per channel c,
-    ``mean[c]`` = E[mean_c] and ``std[c]`` = sqrt(E[mean_c^2 + std_c^2] - E[mean_c]^2),
-    over all rows and positions; ``global_mean``/``global_std`` the same over all
-    channels (Rombach et al. 2022, sec. 4.3.2, where a single batch was used).
-    ``stats.posterior_mean`` holds the same for the posterior mean alone
-    (``sample_posterior=False``).
-
-    Args:
-        vae_path: a diffusers ``AutoencoderKL`` folder or a stage-1 output dir (``load_vae``).
-        data: an image folder (labels from class subfolders, see ``list_sources``) or ``"demo"``.
-        out: the cache folder; created, or resumed when it holds a partial cache.
-        resolution: side of the square crops in pixels; a multiple of the VAE's factor.
-        hflip: also store each image's mirror view (rows interleaved, see the module doc).
-        batch_size: images per VAE forward (2x that many with ``hflip``), per process.
-        dtype: storage dtype of ``mean``/``std``: ``"fp32"``, ``"fp16"`` or ``"bf16"``.
-            The VAE itself always runs in float32.
-        num_workers: DataLoader worker processes decoding images, per process (0: in the
-            main process).
-        shard_size: source images per shard file.
-        accelerator: an existing ``Accelerator``; by default one is built
-            (``autoencoderkl.run.build_accelerator``: gloo group on CPU under torchrun).
-        cpu_threads: intra-op threads per process on CPU; None: the cores / processes.
-    Returns:
-        The index dict (as written to ``index.json``), on every process.
-    Raises:
-        FileNotFoundError: if ``vae_path`` or ``data`` does not exist.
-        ValueError: on a bad argument, a resolution the VAE cannot divide, or an ``out``
-            made with another VAE, other settings or other sources.
-        RuntimeError: if writing a shard fails.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    for name, value, low in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
-                             ("shard_size", shard_size, 1), ("num_workers", num_workers, 0)):
-        if value < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    out = Path(out)
-    if accelerator is None:
-        accelerator = build_accelerator(out, "no", 1)
-    threads = set_cpu_threads(accelerator, cpu_threads)
-    rank, world = accelerator.process_index, accelerator.num_processes
-
-    # Plan: every rank computes it (read-only), so every rank raises the same errors.
-    vae = load_vae(vae_path)
-    latent_shape = _latent_shape(vae, resolution)
-    sources, labels, classes = list_sources(data, resolution)
-    names = [s.name() for s in sources]
-    plan = {
-        "format_version": FORMAT_VERSION,
-        "settings": {"data": "demo" if str(data) == "demo" else str(Path(data).resolve()),
-                     "resolution": resolution, "hflip": hflip, "dtype": dtype, "shard_size": shard_size},
-        "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(Path(vae_path).resolve())},
-        "latent_shape": list(latent_shape),
-        "num_shards": (len(sources) + shard_size - 1) // shard_size,
-        "sources": names,
-        "labels": labels,
-        "classes": classes,
-    }
-    plan["plan_sha256"] = hashlib.sha256(
-        json.dumps({k: v for k, v in plan.items() if k != "vae"} | {"vae": plan["vae"]["sha256"]}, sort_keys=True).encode()
-    ).hexdigest()
-    resumed = _check_manifest(out, plan) if out.is_dir() else False
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".shard-*.tmp"):  # left by a killed run; nobody writes yet
-            tmp.unlink()
-        if not resumed:
-            tmp = out / f".{MANIFEST_FILE}.tmp"
-            tmp.write_text(json.dumps(plan, indent=1))
-            os.replace(tmp, out / MANIFEST_FILE)
-    accelerator.wait_for_everyone()
-    num_shards = plan["num_shards"]
-    missing = [k for k in range(num_shards) if not (out / SHARD_TEMPLATE.format(k)).is_file()]
-    accelerator.wait_for_everyone()  # everyone has listed the shards before anyone writes one
-    mine = missing[rank::world]
-    logger.info(
-        "%s: %d sources in %d shards of %d; %d finished%s, %d to encode (%d on rank %d of %d, device %s, %d threads)",
-        out, len(sources), num_shards, shard_size, num_shards - len(missing), " (resumed)" if resumed else "",
-        len(missing), len(mine), rank, world, accelerator.device, threads,
-    )
-
-    if mine:
-        _encode_shards(vae, sources, labels, mine, out, plan, accelerator, batch_size, num_workers)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        index = _build_index(out, plan)
-        tmp = out / f".{INDEX_FILE}.tmp"
-        tmp.write_text(json.dumps(index, indent=1))
-        os.replace(tmp, out / INDEX_FILE)
-        logger.info(
-            "wrote %s: %d latents %s of %d images (%d skipped), scaling_factor %.5f, shift_factor %.5f",
-            out / INDEX_FILE, index["num_latents"], tuple(latent_shape), len(index["paths"]),
-            index["num_skipped"], index["scaling_factor"], index["shift_factor"],
-        )
-    accelerator.wait_for_everyone()
-    return load_index(out)
-
-
-def _encode_shards(
-    vae: AutoencoderKL,
-    sources: list[Source],
-    labels: list[int] | None,
-    shards: list[int],
-    out: Path,
-    plan: dict[str, Any],
-    accelerator: Accelerator,
-    batch_size: int,
-    num_workers: int,
-) -> None:
-    """Encode the given shards on this rank (the loop of ``encode_latents``)."""
-    settings = plan["settings"]
-    resolution, hflip, shard_size = settings["resolution"], settings["hflip"], settings["shard_size"]
-    device = accelerator.device
-    vae = vae.to(device).eval().requires_grad_(False)
-    n = len(sources)
-    ranges = {k: (k * shard_size, min((k + 1) * shard_size, n)) for k in shards}
-    # Batches never straddle a shard, so a shard's content (and its float rounding)
-    # depends only on its range and the batch size, not on the rank or the run.
-    batches = [list(range(b, min(b + batch_size, stop))) for start, stop in (ranges[k] for k in shards)
-               for b in range(start, stop, batch_size)]
-    loader = DataLoader(
-        _SourceImages(sources, resolution),
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
-    )
-    writer = _ShardWriter(out, DTYPES[settings["dtype"]], plan["plan_sha256"])
-    views = 2 if hflip else 1
-    c, h, w = plan["latent_shape"]
-    total = sum(stop - start for start, stop in ranges.values())
-    progress = tqdm(total=total, unit="img", desc=f"encode rank {accelerator.process_index}/{accelerator.num_processes}",
-                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    parts: dict[str, list[Tensor]] = {"mean": [], "std": [], "label": []}
-    skipped: list[tuple[int, str]] = []
-    warned = 0
-    try:
-        for batch in loader:
-            positions = batch["positions"]
-            shard = positions[0] // shard_size
-            if batch["images"] is not None:
-                mean, std = encode_batch(vae, batch["images"].to(device, non_blocking=True), hflip)
-                parts["mean"].append(mean.cpu())
-                parts["std"].append(std.cpu())
-                if labels is not None:
-                    ok = [labels[p] for p, good in zip(positions, batch["ok"]) if good]
-                    parts["label"].append(torch.tensor(ok, dtype=torch.int64).repeat_interleave(views))
-            for pos, reason in batch["failed"]:
-                skipped.append((pos, reason))
-                if warned < _MAX_NAMED_WARNINGS:
-                    warnings.warn(f"skipping {sources[pos].name()}: {reason}", UnreadableImageWarning, stacklevel=2)
-                warned += 1
-            progress.update(len(positions))
-            if skipped:
-                progress.set_postfix(skipped=len(skipped), refresh=False)
-            start, stop = ranges[shard]
-            if positions[-1] == stop - 1:  # the shard's last batch
-                empty = torch.empty((0, c, h, w))
-                tensors = {
-                    "mean": torch.cat(parts["mean"]) if parts["mean"] else empty,
-                    "std": torch.cat(parts["std"]) if parts["std"] else empty,
-                }
-                if labels is not None:
-                    tensors["label"] = torch.cat(parts["label"]) if parts["label"] else torch.empty(0, dtype=torch.int64)
-                shard_skipped = [(p, r) for p, r in skipped if start <= p < stop]
-                writer.put(shard, tensors, {"shard": shard, "start": start, "stop": stop, "skipped": shard_skipped})
-                parts = {"mean": [], "std": [], "label": []}
-    finally:
-        progress.close()
-        writer.close()
-    if skipped:
-        warnings.warn(
-            f"rank {accelerator.process_index}: skipped {len(skipped)} of {total} images: not readable "
-            f"(named in index.json 'skipped')", UnreadableImageWarning, stacklevel=2,
-        )
-
-
-def _read_shard_meta(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format_version") != str(FORMAT_VERSION) or "shard" not in meta:
-        raise ValueError(f"{path} is not a format-{FORMAT_VERSION} latent shard")
-    return json.loads(meta["shard"])
-
-
-def _moments(count: float, sum_mean: np.ndarray, sum_mean_sq: np.ndarray, sum_var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of z = mean + std * eps (or of the mean alone, with sum_var = 0)."""
-    mu = sum_mean / count
-    var = (sum_mean_sq + sum_var) / count - mu * mu
-    return mu, np.sqrt(np.maximum(var, 0.0))
-
-
-def _build_index(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
-    """``index.json`` from the manifest and the shards' headers (no tensor is read)."""
-    views = 2 if plan["settings"]["hflip"] else 1
-    channels = plan["latent_shape"][0]
-    paths: list[str] = []
-    shards: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    count = 0
-    sums = {k: np.zeros(channels) for k in ("sum_mean", "sum_mean_sq", "sum_var")}
-    for k in range(plan["num_shards"]):
-        path = out / SHARD_TEMPLATE.format(k)
-        if not path.is_file():
-            raise RuntimeError(f"{path} is missing after encoding: a process failed; rerun to finish the cache")
-        meta = _read_shard_meta(path)
-        if meta["plan_sha256"] != plan["plan_sha256"]:
-            raise ValueError(f"{path} belongs to another cache (plan {meta['plan_sha256'][:12]}); delete it and rerun")
-        bad = {pos for pos, _ in meta["skipped"]}
-        kept = [plan["sources"][p] for p in range(meta["start"], meta["stop"]) if p not in bad]
-        paths += kept
-        skipped += [{"path": plan["sources"][p], "reason": reason} for p, reason in meta["skipped"]]
-        shards.append({"file": path.name, "num_latents": len(kept) * views, "start": meta["start"], "stop": meta["stop"]})
-        count += meta["sums"]["count"]
-        for key in sums:
-            sums[key] += np.asarray(meta["sums"][key])  # shard order: deterministic
-    if count == 0:
-        raise ValueError(f"no image of {plan['settings']['data']} could be read; nothing was encoded into {out}")
-    mu_c, std_c = _moments(count, sums["sum_mean"], sums["sum_mean_sq"], sums["sum_var"])
-    mu, std = _moments(count * channels, *(np.asarray([s.sum()]) for s in sums.values()))
-    pmu_c, pstd_c = _moments(count, sums["sum_mean"], sums["sum_mean_sq"], 0.0)
-    pmu, pstd = _moments(count * channels, sums["sum_mean"].sum(), sums["sum_mean_sq"].sum(), 0.0)
-    stats = {
-        "of": "posterior samples z = mean + std * eps, exact expectation over eps, all rows and positions",
-        "mean": mu_c.tolist(),
-        "std": std_c.tolist(),
-        "global_mean": float(mu[0]),
-        "global_std": float(std[0]),
-        "posterior_mean": {"mean": pmu_c.tolist(), "std": pstd_c.tolist(), "global_mean": float(pmu), "global_std": float(pstd)},
-        "values_per_channel": count,
-    }
-    labels = plan["labels"]
-    index = {
-        "format_version": FORMAT_VERSION,
-        "data": plan["settings"]["data"],
-        "paths": paths,
-        "resolution": plan["settings"]["resolution"],
-        "hflip": plan["settings"]["hflip"],
-        "dtype": plan["settings"]["dtype"],
-        "latent_shape": plan["latent_shape"],
-        "num_latents": len(paths) * views,
-        "vae": plan["vae"],
-        "shards": shards,
-        "stats": stats,
-        "scaling_factor": 1.0 / stats["global_std"],
-        "shift_factor": stats["global_mean"],
-        "skipped": skipped,
-        "num_skipped": len(skipped),
-    }
-    if labels is not None:
-        index["classes"] = plan["classes"]
-    return index
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # index.json "dtype" -> torch
 
 
 # --------------------------------------------------------------------------- reading
@@ -700,7 +99,7 @@ def load_index(root: PathLike) -> dict[str, Any]:
     """Read ``root/index.json`` of a latent cache.
 
     Returns:
-        The index dict (keys as documented in ``encode_latents``).
+        The index dict (keys as documented at the top of this module).
     Raises:
         FileNotFoundError: if ``root`` has no ``index.json`` (with a hint when it holds
             an unfinished cache).
@@ -725,31 +124,27 @@ def load_index(root: PathLike) -> dict[str, Any]:
 
 
 def map_shard(path: PathLike) -> dict[str, Tensor]:
-    """Zero-copy, memory-mapped views of the tensors of a shard file.
+    """The tensors of a shard file, memory-mapped: nothing is read until a row is indexed.
 
-    The safetensors layout (an 8-byte little-endian header length, a JSON header giving
-    each tensor's dtype, shape and byte range, then the bytes) mapped with ``mmap``
-    copy-on-write and viewed with ``torch.frombuffer``: nothing is read until a row is
-    indexed, every process shares the page cache, and the file is never written. Reading
-    one row this way costs microseconds, against ~65 us for ``safe_open(...).get_slice``.
+    ``safetensors.safe_open(path, framework="pt").get_tensor`` returns tensors whose
+    storage is a private (copy-on-write) memory map of the file
+    (``torch.UntypedStorage.from_file(..., shared=False)``): every process shares the
+    page cache, an in-place change never reaches the file, and the map outlives the
+    handle. Indexing one (4, 32, 32) float32 row of such a tensor takes ~1.6 us on a
+    CPU core, as a hand-made ``mmap`` view did, where ``get_slice(name)[i : i + 1]``
+    takes ~16 us per call.
 
+    Args:
+        path: a ``shard-NNNNN.safetensors`` file.
     Returns:
-        name -> tensor viewing the file (``mean``, ``std``: (N, c, h, w); ``label``: (N,)).
+        name -> tensor: ``mean``, ``std`` (N, c, h, w) in the cache dtype; ``label`` (N,)
+        int64 when the cache is labelled.
+    Raises:
+        FileNotFoundError: if ``path`` does not exist.
+        safetensors.SafetensorError: if it is not a safetensors file.
     """
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    (header_len,) = struct.unpack("<Q", mm[:8])
-    header = json.loads(mm[8 : 8 + header_len])
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        start, stop = info["data_offsets"]
-        count = (stop - start) // dtype.itemsize
-        flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=8 + header_len + start) if count else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.view(info["shape"])
-    return tensors
+    with safe_open(str(path), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -758,14 +153,21 @@ class LatentDataset(torch.utils.data.Dataset):
     Item i is row i of the cache (shards concatenated in order). With ``hflip`` caches,
     row 2k is ``index["paths"][k]`` and row 2k+1 the same image mirrored; ``source(i)``
     says which. The shards are memory-mapped (``map_shard``, opened lazily in each
-    process, so DataLoader workers share the page cache); reading a row copies it.
+    process, so DataLoader workers share the page cache); reading a row copies it. A
+    worker holds one file name and one row offset per shard, not the index: the list
+    of sources (``index["paths"]``) is read only when ``source`` is called.
 
     ``latents = (z - shift_factor) * scaling_factor`` with ``z = mean + std * eps``,
     eps ~ N(0, I) drawn fresh on every call from torch's global RNG (DataLoader workers
     are seeded apart), or ``z = mean`` with ``sample_posterior=False``.
 
-    ``scaling_factor`` defaults to the cache's (1 / std of z over the cache, Rombach et
-    al. 2022, sec. 4.3.2). ``shift_factor`` defaults to 0.0, NOT the cache's recorded
+    ``scaling_factor`` defaults to 1 / the global std, over the whole cache, of the z this
+    dataset draws, so that the latents have unit variance (Rombach et al. 2022, sec.
+    4.3.2): with ``sample_posterior=True``, the cache's ``index["scaling_factor"]`` (1 /
+    ``stats.global_std``, the std of posterior samples); with ``sample_posterior=False``,
+    1 / ``index["stats"]["posterior_mean"]["global_std"]``, the std of the posterior
+    means, which is smaller by the posterior's own variance (so this factor is larger).
+    ``shift_factor`` defaults to 0.0 in both modes, NOT the cache's recorded
     ``shift_factor`` (its global mean): Stable Diffusion 1.x and 2.x use
     ``latents = z * scaling_factor`` with no shift; pass ``shift_factor=ds.index
     ["shift_factor"]`` for the SD3/FLUX-style ``(z - shift) * scale``. Whatever is
@@ -775,12 +177,14 @@ class LatentDataset(torch.utils.data.Dataset):
     Args:
         root: the cache folder (holding ``index.json``).
         sample_posterior: draw z from the posterior (True) or take its mean (False).
-        scaling_factor: override for the cache's ``scaling_factor``.
+        scaling_factor: the factor to multiply by; None: the one that gives unit variance
+            in this mode (see above).
         shift_factor: the shift to subtract; None: 0.0 (see above).
         vae: the VAE stage 2 will decode with (a model, or a path for ``load_vae``). Its
             ``vae_weights_sha256`` must equal the cache's ``index["vae"]["sha256"]``.
     Attributes:
-        index: the ``index.json`` dict.
+        index: the ``index.json`` dict, read from the file on each access (the dataset
+            does not hold it; see the property).
         latent_shape: (c, h, w).
         num_classes / class_names: label count and names, or None when unlabelled.
         scaling_factor / shift_factor: the values applied.
@@ -798,45 +202,78 @@ class LatentDataset(torch.utils.data.Dataset):
         vae: AutoencoderKL | PathLike | None = None,
     ) -> None:
         self.root = Path(root)
-        self.index = load_index(self.root)
+        index = load_index(self.root)  # not kept: its "paths" lists every image (see ``index``)
         if vae is not None:
             model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae)
             sha = vae_weights_sha256(model)
-            if sha != self.index["vae"]["sha256"]:
+            if sha != index["vae"]["sha256"]:
                 raise ValueError(
                     f"the latent cache {self.root} was encoded by a VAE with weights sha256 "
-                    f"{self.index['vae']['sha256']}, but the VAE given has sha256 {sha}: its latents "
+                    f"{index['vae']['sha256']}, but the VAE given has sha256 {sha}: its latents "
                     f"would decode to garbage. Re-encode with scripts/encode_latents.py --vae <this VAE> "
-                    f"--out <new dir>, or use the VAE that made the cache ({self.index['vae'].get('path')})."
+                    f"--out <new dir>, or use the VAE that made the cache ({index['vae'].get('path')})."
                 )
         self.sample_posterior = sample_posterior
-        self.scaling_factor = float(self.index["scaling_factor"] if scaling_factor is None else scaling_factor)
+        if scaling_factor is None and sample_posterior:
+            scaling_factor = index["scaling_factor"]  # 1 / std of posterior samples
+        elif scaling_factor is None:  # 1 / std of the posterior means
+            std = index["stats"]["posterior_mean"]["global_std"]
+            if not std > 0:
+                raise ValueError(f"the posterior means in {self.root} have standard deviation {std}: pass a scaling_factor")
+            scaling_factor = 1.0 / std
+        self.scaling_factor = float(scaling_factor)
         self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
-        self.latent_shape = tuple(self.index["latent_shape"])
-        self.class_names = self.index.get("classes")
+        self.latent_shape = tuple(index["latent_shape"])
+        self.class_names = index.get("classes")
         self.num_classes = len(self.class_names) if self.class_names is not None else None
-        self._files = [self.root / s["file"] for s in self.index["shards"]]
-        self._offsets = np.cumsum([0] + [s["num_latents"] for s in self.index["shards"]]).tolist()
-        self._views = 2 if self.index["hflip"] else 1
-        self._handles: dict[int, Any] = {}
+        # What __getitem__ needs: one file name and one row offset per shard.
+        self._files = [s["file"] for s in index["shards"]]
+        self._offsets = np.cumsum([0] + [s["num_latents"] for s in index["shards"]]).tolist()
+        self._views = 2 if index["hflip"] else 1
+        self._handles: dict[int, Any] = {}  # shard -> map_shard's tensors, in process _pid
         self._pid = None
+        self._paths: list[str] | None = None  # index["paths"], read by the first source()
+
+    @property
+    def index(self) -> dict[str, Any]:
+        """The whole ``index.json`` dict (``load_index``), read from the file on each access.
+
+        The dataset itself keeps only what reading rows needs (shard files and row
+        offsets), not the index: its ``paths`` holds one string per image, which for
+        millions of images would be copied into every DataLoader worker. Keep the
+        returned dict to use it more than once.
+        """
+        return load_index(self.root)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": {}, "_pid": None}  # handles are per process
+        # Shard maps are per process; the source list is read again where it is needed.
+        return {**self.__dict__, "_handles": {}, "_pid": None, "_paths": None}
 
     def __len__(self) -> int:
         """Number of latents (rows): images, or 2 x images with hflip."""
         return self._offsets[-1]
 
     def source(self, i: int) -> tuple[str, bool]:
-        """(the source path of row i, whether it is the mirrored view)."""
-        return self.index["paths"][i // self._views], bool(i % self._views)
+        """(the source path of row i, as in ``index["paths"]``; whether it is the mirrored view).
+
+        The first call reads ``index["paths"]`` and keeps it in this process.
+
+        Raises:
+            IndexError: if i is out of range.
+        """
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for a latent cache of {n} rows")
+        if self._paths is None:
+            self._paths = load_index(self.root)["paths"]
+        i %= n
+        return self._paths[i // self._views], bool(i % self._views)
 
     def _shard(self, shard: int) -> dict[str, Tensor]:
         if self._pid != os.getpid():  # first use in this process (e.g. a forked worker)
             self._handles, self._pid = {}, os.getpid()
         if shard not in self._handles:
-            self._handles[shard] = map_shard(self._files[shard])
+            self._handles[shard] = map_shard(self.root / self._files[shard])
         return self._handles[shard]
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:

@@ -256,8 +256,9 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)  # same seed on every process
 
     # ---- frozen VAE and the latent cache ------------------------------------------
-    index = load_index(cfg.data.latents)
-    cfg.data.vae = resolve_vae_path(cfg, index)  # the saved config records the VAE used
+    # The saved config records the VAE used. (The index is not kept: its list of every
+    # source path would be copied into each DataLoader worker.)
+    cfg.data.vae = resolve_vae_path(cfg, load_index(cfg.data.latents))
     vae = load_vae(cfg.data.vae).requires_grad_(False)
     # Refuses a cache encoded by a different VAE (weights hash in index.json).
     dataset = LatentDataset(cfg.data.latents, sample_posterior=cfg.data.sample_posterior,

@@ -43,7 +43,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    from latent_diffusion.latents import encode_latents  # heavy imports after --help
+    from latent_diffusion.encode import encode_latents  # heavy imports after --help
 
     try:
         index = encode_latents(

@@ -125,7 +125,7 @@ def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path):
     from diffusers import AutoencoderKL
 
     from latent_diffusion.config import load_config as load_ldm_config
-    from latent_diffusion.latents import encode_latents
+    from latent_diffusion.encode import encode_latents
 
     for c in range(2):
         write_photos(tmp_path / "photos" / f"class{c}", n=2, seed=c)

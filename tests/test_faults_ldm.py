@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import latent_diffusion.train as ldm_train
 from autoencoderkl.run import TrainingStopped
 from conftest import reset_accelerate_state, torchrun, write_photos
 from latent_diffusion.config import load_config
-from latent_diffusion.latents import encode_latents
+from latent_diffusion.encode import encode_latents
 from test_ldm import overrides, tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,9 +163,9 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_matches(cache, tmp_path)
 # shard KILL_AT_SHARD (the bytes so far land under the temporary name, as a real kill leaves).
 ENCODE_DRIVER = """
 import os, runpy, signal, sys
-import latent_diffusion.latents as latents
+import latent_diffusion.encode as encode
 kill_at = int(os.environ.get("KILL_AT_SHARD", "-1"))
-save_file = latents.save_file
+save_file = encode.save_file
 def dying_save_file(tensors, path, metadata=None):
     if f"shard-{kill_at:05d}" in path:
         save_file(tensors, path, metadata=metadata)
@@ -172,7 +173,7 @@ def dying_save_file(tensors, path, metadata=None):
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
     return save_file(tensors, path, metadata=metadata)
-latents.save_file = dying_save_file
+encode.save_file = dying_save_file
 sys.argv = ["encode_latents.py"] + sys.argv[1:]
 runpy.run_path(os.path.join(os.environ["REPO"], "scripts", "encode_latents.py"), run_name="__main__")
 """
@@ -192,12 +193,14 @@ def test_sigkill_while_writing_a_shard_then_rerun_gives_the_same_cache(cache, tm
     out = tmp_path / "killed"
     proc = cli(out, kill=1)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.glob("*shard-*")) == [".shard-00001.safetensors.tmp", "shard-00000.safetensors"]
+    names = sorted(p.name for p in out.glob("*shard-*"))
+    assert len(names) == 2 and names[1] == "shard-00000.safetensors", names
+    assert re.fullmatch(r"\.shard-00001\.safetensors\.tmp-\d+\.safetensors", names[0]), names  # atomic_path's name
     first = (out / "shard-00000.safetensors").stat().st_mtime_ns
     proc = cli(out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "shard-00000.safetensors").stat().st_mtime_ns == first, "a finished shard was re-encoded"
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     for name in ("shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"):
         want, got = load_file(tmp_path / "straight" / name), load_file(out / name)
         assert same(want, got), name

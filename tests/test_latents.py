@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +16,12 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-import latent_diffusion.latents as latents
+import latent_diffusion.encode as writer
 from autoencoderkl.data import UnreadableImageWarning
+from autoencoderkl.model import load_vae, vae_weights_sha256
 from conftest import write_photos
-from latent_diffusion.latents import (
-    LatentDataset,
-    Source,
-    encode_latents,
-    list_sources,
-    load_index,
-    load_source,
-    vae_weights_sha256,
-)
+from latent_diffusion.encode import Source, encode_latents, list_sources, load_source
+from latent_diffusion.latents import LatentDataset, load_index, map_shard
 
 REPO = Path(__file__).resolve().parents[1]
 RES = 16  # pixels; the tiny VAE downsamples 2x -> (4, 8, 8) latents
@@ -147,7 +142,7 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
     write_photos(photo_dir, n=10, seed=1)  # shards of 4: 4, 4, 2 images; batches of 3: 2 + 2 + 1 forwards
     reference = encode(vae_dir, photo_dir, tmp_path / "ref")
     calls = []
-    real = latents.encode_batch
+    real = writer.encode_batch
 
     def dies_on_the_fourth_forward(vae, images, hflip=False):  # a kill in the middle of shard 1
         calls.append(len(images))
@@ -155,23 +150,27 @@ def test_interrupted_run_resumes_without_reencoding_finished_shards(vae_dir, pho
             raise KeyboardInterrupt
         return real(vae, images, hflip)
 
-    monkeypatch.setattr(latents, "encode_batch", dies_on_the_fourth_forward)
+    monkeypatch.setattr(writer, "encode_batch", dies_on_the_fourth_forward)
     out = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         encode(vae_dir, photo_dir, out)
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match="unfinished latent cache.*rerun"):
         load_index(out)
-    (out / ".shard-00001.safetensors.tmp").write_bytes(b"half a shard")  # as a kill mid-write leaves
+    leftovers = [".shard-00001.safetensors.tmp-4242.safetensors",  # as a kill mid-write leaves (atomic_path)
+                 ".shard-00002.safetensors.tmp",  # ... or left by the writer before autoencoderkl.atomic
+                 ".index.json.tmp-4242.json"]
+    for name in leftovers:
+        (out / name).write_bytes(b"half a file")
     first = (out / "shard-00000.safetensors").stat()
 
     calls.clear()
-    monkeypatch.setattr(latents, "encode_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    monkeypatch.setattr(writer, "encode_batch", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     index = encode(vae_dir, photo_dir, out)
     assert calls == [3, 1, 2], "only shards 1 and 2 are encoded again"
     again = (out / "shard-00000.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.glob(".*.tmp*"))
     assert index == reference
     ref, new = shard_tensors(tmp_path / "ref"), shard_tensors(out)
     assert all(torch.equal(ref[k], new[k]) for k in ref)
@@ -209,9 +208,9 @@ def test_a_mismatched_vae_is_refused_by_the_dataset(vae_dir, photo_dir, tmp_path
 
 def test_vae_hash_follows_the_weights_not_the_file(vae_dir, tmp_path):
     vae = tiny_vae()
-    assert vae_weights_sha256(vae) == vae_weights_sha256(latents.load_vae(vae_dir))
+    assert vae_weights_sha256(vae) == vae_weights_sha256(load_vae(vae_dir))
     vae.save_pretrained(tmp_path / "bin", safe_serialization=False)  # another file format
-    assert vae_weights_sha256(latents.load_vae(tmp_path / "bin")) == vae_weights_sha256(vae)
+    assert vae_weights_sha256(load_vae(tmp_path / "bin")) == vae_weights_sha256(vae)
     with torch.no_grad():
         vae.decoder.conv_out.bias[0] += 1e-6
     assert vae_weights_sha256(vae) != vae_weights_sha256(tiny_vae())
@@ -238,11 +237,30 @@ def test_corrupt_images_are_skipped_and_counted(vae_dir, photo_dir, tmp_path):
     torch.testing.assert_close(ds[3]["latents"], mirrored, rtol=1e-5, atol=1e-5)
 
 
+def test_map_shard_reads_what_was_written_and_never_writes_the_file(vae_dir, tmp_path):
+    data = tmp_path / "pets"
+    write_photos(data / "cats", n=2, seed=1)
+    write_photos(data / "dogs", n=1, seed=2)
+    index = encode(vae_dir, data, tmp_path / "cache", dtype="bf16")
+    path = tmp_path / "cache" / index["shards"][0]["file"]
+    want = load_file(path)
+    got = map_shard(path)
+    assert got.keys() == want.keys() == {"mean", "std", "label"}
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    before = path.read_bytes()
+    got["mean"].add_(1.0)  # copy-on-write: the process's view changes, the file does not
+    got["label"][0] = 7
+    assert path.read_bytes() == before
+    assert torch.equal(load_file(path)["mean"], want["mean"])
+
+
 def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean(vae_dir, photo_dir, tmp_path):
     out = tmp_path / "cache"
     index = encode(vae_dir, photo_dir, out)
     mean = shard_tensors(out)["mean"]
     scale = index["scaling_factor"]
+    scale_of_means = 1 / index["stats"]["posterior_mean"]["global_std"]
 
     ds = LatentDataset(out)
     a, b = ds[2]["latents"], ds[2]["latents"]
@@ -251,8 +269,9 @@ def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean
     assert ds.latent_shape == (4, 8, 8) and ds.num_classes is None and ds.class_names is None
 
     det = LatentDataset(out, sample_posterior=False)
-    assert torch.equal(det[2]["latents"], mean[2] * scale)
-    assert torch.equal(det[-1]["latents"], mean[5] * scale)
+    assert det.scaling_factor == scale_of_means and det.shift_factor == 0.0
+    assert torch.equal(det[2]["latents"], mean[2] * scale_of_means)
+    assert torch.equal(det[-1]["latents"], mean[5] * scale_of_means)
     shifted = LatentDataset(out, sample_posterior=False, scaling_factor=0.5, shift_factor=0.25)
     assert torch.equal(shifted[2]["latents"], (mean[2] - 0.25) * 0.5)
     with pytest.raises(IndexError):
@@ -260,7 +279,46 @@ def test_latent_dataset_draws_fresh_posterior_samples_or_returns_the_scaled_mean
 
     loader = torch.utils.data.DataLoader(det, batch_size=4, num_workers=2)  # shards opened in each worker
     batches = list(loader)
-    torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), mean * scale)
+    torch.testing.assert_close(torch.cat([b["latents"] for b in batches]), mean * scale_of_means)
+
+
+def test_default_scaling_gives_unit_variance_for_posterior_samples_and_for_means(vae_dir, photo_dir, tmp_path):
+    """1 / std of what each mode returns: samples z = mean + std * eps, or the means alone."""
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out, hflip=True)
+    means = LatentDataset(out, sample_posterior=False)
+    x = torch.stack([means[i]["latents"] for i in range(len(means))]).double()  # (12, 4, 8, 8)
+    assert x.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+    # The means spread less than the samples (by the posterior's variance): a larger factor.
+    assert means.scaling_factor > 1.5 * index["scaling_factor"]
+
+    torch.manual_seed(0)
+    samples = LatentDataset(out)
+    assert samples.scaling_factor == index["scaling_factor"]  # index.json keeps the samples' factor
+    z = torch.stack([samples[i]["latents"] for i in range(len(samples)) for _ in range(20)]).double()
+    assert z.std(unbiased=False).item() == pytest.approx(1.0, abs=0.03)
+
+
+def test_dataset_holds_no_source_list_and_pickles_without_open_shards(vae_dir, photo_dir, tmp_path):
+    """What a DataLoader worker gets: shard names and offsets, not index["paths"] (one string per image)."""
+    out = tmp_path / "cache"
+    index = encode(vae_dir, photo_dir, out, hflip=True)
+    ds = LatentDataset(out, sample_posterior=False)
+    rows = [ds[i]["latents"] for i in range(len(ds))]  # every shard mapped in this process
+    assert "index" not in vars(ds) and ds.index == index == load_index(out)
+
+    def holds_a_source_path(blob: bytes) -> bool:
+        return any(Path(p).name.encode() in blob for p in index["paths"])
+
+    assert not holds_a_source_path(pickle.dumps(ds))
+    assert ds.source(3) == (index["paths"][1], True) and ds.source(-1) == (index["paths"][-1], True)
+    with pytest.raises(IndexError):
+        ds.source(len(ds))
+    blob = pickle.dumps(ds)  # after source(): the list read for it stays in this process
+    assert not holds_a_source_path(blob)
+    copy = pickle.loads(blob)
+    assert all(torch.equal(copy[i]["latents"], rows[i]) for i in range(len(ds)))
+    assert copy.source(2) == (index["paths"][1], False)
 
 
 def test_class_subfolders_become_labels(vae_dir, tmp_path):

@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import reset_accelerate_state, write_photos
 from latent_diffusion.config import NoiseConfig, load_config
-from latent_diffusion.latents import encode_latents, load_index
+from latent_diffusion.encode import encode_latents
+from latent_diffusion.latents import load_index
 from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
 from latent_diffusion.pipeline import LatentDiffusionPipeline, load_pipeline, save_pipeline
 from latent_diffusion.sample import sample

@@ -32,7 +32,7 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     from autoencoderkl.model import load_vae
     from autoencoderkl.run import set_cpu_threads
-    from latent_diffusion.latents import encode_batch, encode_latents, list_sources
+    from latent_diffusion.encode import encode_batch, encode_latents, list_sources
 
     resolution, batch_size = args.resolution or 64, args.batch_size or 32
     accelerator = Accelerator()

@@ -202,7 +202,8 @@ def cached_vs_encoded(cfg: Any, latents: str, vae_path: str, device: str, steps:
 def bench_train_ldm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """The real stage-2 training step (one process per case) and cached vs encode-every-step."""
     from latent_diffusion.config import LDMConfig, load_config
-    from latent_diffusion.latents import encode_latents, load_index
+    from latent_diffusion.encode import encode_latents
+    from latent_diffusion.latents import load_index
 
     config = str(Path(args.config or STAGE2_DEMO).resolve())
     steps = args.steps or 10

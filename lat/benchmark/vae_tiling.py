@@ -63,7 +63,7 @@ def bench_vae_tiling(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     from autoencoderkl.data import demo_image_paths
     from autoencoderkl.model import load_vae
-    from latent_diffusion.latents import Source, load_source
+    from latent_diffusion.encode import Source, load_source
 
     device = default_device()
     resolution = args.resolution or (1024 if device == "cuda" else 512)
