@@ -12,10 +12,18 @@ with its own dataclasses, so both stages read and fail the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib.util
+import inspect
+import io
+import json
 import os
+import re
 import shlex
 import sys
+import textwrap
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
@@ -35,9 +43,9 @@ class ModelConfig:
     # Channels of each resolution level; len(block_out_channels) - 1 downsamplings, so
     # four entries give the 8x spatial factor f = H // h of kl-f8.
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
-    layers_per_block: int = 2
-    latent_channels: int = 4
-    norm_num_groups: int = 32
+    layers_per_block: int = 2  # ResNet blocks per resolution level (the decoder gets one more)
+    latent_channels: int = 4  # c of the (c, h, w) latent: 4 as SD 1.x/2.x/XL, 16 as SD3/FLUX
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
     # Self-attention in the mid block at the lowest resolution (as SD's VAE).
     mid_block_add_attention: bool = True
     # Start from existing weights instead of random ones: a diffusers AutoencoderKL folder,
@@ -86,7 +94,7 @@ class DataConfig:
     # (a fixed split), are taken from it -- or, when it is null, out of train_dir.
     # data.source=demo has its own fixed held-out photos.
     val_dir: Optional[str] = None
-    num_val_images: int = 8
+    num_val_images: int = 8  # held-out images for val/psnr, val/ssim and the grids
     resolution: int = 256  # square crop side in pixels; divisible by 8
     # Shorter side in pixels after resizing, before cropping; null = resolution
     # (the whole image, as SD trains). Larger values train on crops at higher detail.
@@ -99,8 +107,8 @@ class DataConfig:
     cache_images: bool = False
     # Lossless training augmentations beyond the flip, for tiny datasets: a random
     # quarter-turn, and a random order of the R, G, B planes.
-    rotate: bool = False
-    permute_channels: bool = False
+    rotate: bool = False  # also a random quarter-turn of each crop
+    permute_channels: bool = False  # also a random order of the R, G, B planes (see above)
     # Colour jitter of strength s in [0, 1): brightness, contrast and saturation x U(1-s, 1+s),
     # hue shifted by U(-s/2, s/2) of a turn (torchvision's ColorJitter operations).
     color_jitter: float = 0.0
@@ -114,8 +122,8 @@ class OptimConfig:
     # kl-f8 recipe is 4.5e-6 x images per optimizer step (its "scale_lr"); write the
     # product here for your global batch.
     lr: float = 4.5e-6
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam (beta1, beta2), LDM's GAN setting
+    weight_decay: float = 0.0  # L2 penalty of torch.optim.Adam (0 in LDM)
     max_grad_norm: Optional[float] = None  # clip the global gradient norm; null = off
     # Learning-rate schedule over train.max_steps, from diffusers.optimization, applied to
     # both optimizers: constant (LDM) | constant_with_warmup | linear | cosine.
@@ -133,15 +141,23 @@ class LoopConfig:
     """
 
     max_steps: int = 100_000  # optimizer steps (global_step counts these)
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; master weights stay fp32)
-    seed: int = 0
-    checkpointing_steps: int = 5000
+    # The next three are also `accelerate launch` / `accelerate config` settings. null (the
+    # default) lets the launcher decide (--gradient_accumulation_steps, --mixed_precision,
+    # --dynamo_backend; else 1, no, no); a value here wins, with a warning if the launcher
+    # says otherwise. config.yaml records the value used.
+    gradient_accumulation_steps: Optional[int] = None  # micro-batches per optimizer step
+    mixed_precision: Optional[str] = None  # no | fp16 | bf16 (autocast; master weights stay fp32)
+    compile: Optional[bool] = None  # torch.compile (inductor) the trained models: slow first steps
+    seed: int = 0  # weights, data order, crops and noise all follow from it
+    checkpointing_steps: int = 5000  # every N steps: checkpoints/step-NNNNNNN (and at the end)
     checkpoints_total_limit: Optional[int] = 3  # keep the newest K; null keeps all
     validation_steps: int = 1000  # every N steps: validation metrics and a PNG grid in samples/
     log_steps: int = 10  # every N steps: a line in metrics.jsonl and the tracker (means over the N steps)
+    # Where logs and sample grids go besides metrics.jsonl: tensorboard (OUTPUT_DIR/logs) |
+    # wandb (Weights & Biases; pip install -e ".[wandb]") | all (both) | none.
+    report_to: str = "tensorboard"
     use_ema: bool = False  # exponential moving average of the trained model's weights
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the EMA's decay per optimizer step
     # Intra-op threads on CPU. null: this process's share of the cores. (accelerate
     # launch sets OMP_NUM_THREADS=1 for CPU runs unless given --cpu, halving a 2-core
     # machine's speed; an explicit number here wins over both.)
@@ -158,7 +174,6 @@ class LoopConfig:
     max_rollbacks: int = 3  # rollbacks allowed in one run; one more failure stops it
     # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
     channels_last: bool = False  # NHWC models and inputs: faster convolutions on CUDA tensor cores
-    compile: bool = False  # torch.compile the trained models (slow first steps)
     allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
     # Recompute activations in the backward pass: less memory, ~30% more compute; for
     # resolutions or models that do not fit otherwise.
@@ -190,6 +205,7 @@ class VAEConfig:
 LOOP_CHOICES: dict[str, tuple[str, ...]] = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.nonfinite_action": ("stop", "rollback"),
+    "train.report_to": ("tensorboard", "wandb", "all", "none"),
     "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -209,6 +225,68 @@ def valid_keys(schema: Any) -> list[str]:
                 for key in (flatten(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
 
     return flatten(OmegaConf.to_container(OmegaConf.structured(schema)), "")
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: its comment}`` for a config dataclass and its bases, read from the source.
+
+    A field's comment is the one at the end of its line, else the comment lines right
+    above it (joined). The dataclasses' comments are the one place options are explained;
+    ``--help`` shows them from here rather than from a second copy.
+    """
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):  # bases first; a subclass's comment wins
+        try:
+            lines, _ = inspect.getsourcelines(klass)
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# ").rstrip())
+                continue
+            match = re.match(r"^([A-Za-z_]\w*)\s*:", text)
+            if match and not text.startswith(("def ", "class ")):
+                inline = ""
+                for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+                    if tok.type == tokenize.COMMENT:
+                        inline = tok.string.lstrip("# ").rstrip()
+                comment = inline or " ".join(above)
+                if comment:
+                    comments[match.group(1)] = comment
+            above = []
+    return comments
+
+
+def describe_keys(schema: Any) -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, meaning)`` of every option of a config dataclass, in order.
+
+    Args:
+        schema: a config dataclass (``VAEConfig``, ``LDMConfig``) or an instance.
+    Returns:
+        One tuple per key of ``valid_keys(schema)``; the meaning is the field's source
+        comment (empty where it has none).
+    """
+    cls = schema if isinstance(schema, type) else type(schema)
+    out = []
+    for section in dataclasses.fields(cls):
+        section_cls = section.type if isinstance(section.type, type) else type(getattr(cls(), section.name))
+        comments = _field_comments(section_cls)
+        defaults = OmegaConf.to_container(OmegaConf.structured(section_cls))
+        for name, default in defaults.items():
+            out.append((f"{section.name}.{name}", default, comments.get(name, "")))
+    return out
+
+
+def keys_help(schema: Any, width: int = 100) -> str:
+    """The ``--help`` epilog: every config key with its default and what it means."""
+    lines = ["config keys (override with key=value; null = unset):"]
+    for key, default, meaning in describe_keys(schema):
+        lines.append(f"  {key} = {json.dumps(default)}")
+        if meaning:
+            lines += textwrap.wrap(meaning, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
 
 
 def _config_error(exc: OmegaConfBaseException, schema: Any, where: str) -> ValueError:
@@ -271,6 +349,8 @@ def merge_config(
     for key, allowed in (choices or {}).items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None:  # unset: someone else decides (the launcher, a cache's statistics)
+            continue
         # YAML 1.1 reads an unquoted no/off/false (yes/on/true) as a boolean, which a str
         # field receives as "False" ("True"): map it back to the spelling that is allowed.
         spellings = _YAML_BOOL_SPELLINGS.get(str(value), (str(value).lower(),))
@@ -318,7 +398,7 @@ def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:
                 "train.max_consecutive_nonfinite", *extra_positive):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{key} must be >= 1, got {value}")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
@@ -326,6 +406,9 @@ def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:
         raise ValueError(f"train.rollback_lr_factor must lie in (0, 1], got {cfg.train.rollback_lr_factor}")
     if cfg.train.max_rollbacks < 0:
         raise ValueError(f"train.max_rollbacks must be >= 0, got {cfg.train.max_rollbacks}")
+    if cfg.train.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ValueError(f"train.report_to={cfg.train.report_to} needs the wandb package: "
+                         f'pip install -e ".[wandb]" (or pip install wandb), or set train.report_to=tensorboard')
 
 
 def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> None:

@@ -27,9 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_path
+from .atomic import atomic_dir, atomic_path
 from .config import ModelConfig
-from .run import save_pretrained_atomic
+from .hub import is_hub_id, load_vae_from_hub, write_model_card
 
 
 def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
@@ -68,7 +68,7 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
 
 
 def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from any of the places a user keeps one. Nothing is downloaded.
+    """Load an ``AutoencoderKL`` from any of the places a user keeps one.
 
     Accepted ``path``:
 
@@ -81,7 +81,11 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -
       Stability's ``vae-ft-mse-840000-ema-pruned``) or a whole SD checkpoint (the VAE keys
       under ``first_stage_model.``) both work. The keys are converted by diffusers'
       single-file loader (``AutoencoderKL.from_single_file``) against a LOCAL config, so no
-      hub access happens.
+      hub access happens;
+    * a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``, or ``owner/name/vae`` for a
+      pipeline's VAE) that is not a local path: loaded through the HF cache, downloaded
+      when online (``autoencoderkl.hub.load_vae_from_hub``; offline, the error says how to
+      download it first). Nothing else is ever downloaded.
 
     The config of a single file comes from, in order: ``config``; the diffusers config that
     ``save_original_checkpoint`` stores in the file; or it is inferred from the tensor
@@ -104,6 +108,8 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -
             layout, or misses weights the config needs.
     """
     root = Path(path)
+    if is_hub_id(str(path)):
+        return load_vae_from_hub(str(path))
     if root.is_file():
         return _load_single_file(root, config)
     if root.is_dir():
@@ -441,13 +447,68 @@ def estimate_scaling_factor(vae: AutoencoderKL, images: Tensor, batch_size: int 
     return float(1.0 / z.float().std())
 
 
-def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` in safetensors into ``out_dir``, atomically.
+def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, card: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` in safetensors (+ a model card) into ``out_dir``, atomically.
 
-    Writes to ``out_dir.tmp`` and renames it into place, so a reader never sees a
-    half-written folder; an existing ``out_dir`` is replaced.
+    Writes a hidden temporary folder and renames it into place
+    (``autoencoderkl.atomic.atomic_dir``), so a reader never sees a half-written folder;
+    an existing ``out_dir`` is replaced.
 
+    Args:
+        card: keyword arguments of ``write_vae_card`` (without folder and vae); None
+            writes no card.
     Returns:
         ``out_dir`` as a Path, loadable with ``AutoencoderKL.from_pretrained``.
     """
-    return save_pretrained_atomic(vae, out_dir)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        if card is not None:
+            write_vae_card(tmp, vae, **card)
+    return out
+
+
+def write_vae_card(folder: str | os.PathLike, vae: AutoencoderKL, steps: int, data: str, val: dict[str, float] | None,
+                   config: dict[str, Any]) -> Path:
+    """The VAE's ``README.md``: Hub metadata, shape, training recipe, measured figures, how to load.
+
+    Args:
+        folder: the exported folder.
+        vae: the exported model.
+        steps: optimizer steps trained.
+        data: what it was trained on (a folder, ``demo``, a dataset name).
+        val: the last validation metrics (``val/psnr`` dB, ``val/ssim``), or None.
+        config: the run's resolved config as a plain dict.
+    """
+    c = vae.config
+    f = 2 ** (len(c.block_out_channels) - 1)
+    n_params = sum(p.numel() for p in vae.parameters()) / 1e6
+    loss = config["loss"]
+    figures = (f"{val['val/psnr']:.2f} dB PSNR, SSIM {val['val/ssim']:.3f} (8-bit, posterior mode, "
+               f"{config['data']['resolution']} px crops of held-out images)") if val else "not measured"
+    body = f"""A {n_params:.1f}M-parameter `AutoencoderKL` (diffusers): {f}x spatial downsampling, {c.latent_channels}
+latent channels (block widths {list(c.block_out_channels)}), trained with latent-autoencoders for {steps}
+optimizer steps on `{data}` with LDM's recipe: {loss['pixel_loss'].upper()} + {loss['perceptual_weight']:g} x LPIPS,
+KL x {loss['kl_weight']:g}, PatchGAN (hinge, adaptive weight x {loss['disc_weight']:g}) from step {loss['disc_start']}.
+
+| | |
+|---|---|
+| validation | {figures} |
+| latent scale | `scaling_factor` {c.scaling_factor:.6g}{f", `shift_factor` {c.shift_factor:.6g}" if c.shift_factor else ""}: SD-style latents are `(z - shift_factor) * scaling_factor` |
+| resolution | trained on {config['data']['resolution']} px crops |
+
+## Use
+
+```python
+from diffusers import AutoencoderKL
+
+vae = AutoencoderKL.from_pretrained("THIS_FOLDER_OR_REPO")
+z = vae.encode(images).latent_dist.sample()       # images: (B, 3, H, W) in [-1, 1]
+reconstructions = vae.decode(z).sample
+```
+
+Measure it on your held-out images with `lat eval-vae --vae THIS_FOLDER --data FOLDER`.
+"""
+    return write_model_card(folder, "AutoencoderKL", body, tags=["diffusers", "autoencoder", "vae", "latent-diffusion"],
+                            metrics={"psnr": val["val/psnr"], "ssim": val["val/ssim"]} if val else None,
+                            datasets=[data] if data and "/" not in data else None)

@@ -27,13 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DynamoBackend, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .atomic import atomic_dir, publish_dir, write_atomic
+from .atomic import publish_dir, write_atomic
 from .config import save_config
 from .data import InfiniteSampler
 
@@ -46,35 +49,83 @@ EMA_FILE = "ema.safetensors"
 RUN_ARTIFACTS = ("checkpoints", "vae", "pipeline", "samples", "logs", "metrics.jsonl", "config.yaml")
 
 
+# Settings that `accelerate launch` / `accelerate config` also make, with the environment
+# variable through which the launcher passes each to the training process, and the value
+# that means "the launcher was not asked for anything".
+LAUNCHER_SETTINGS = {
+    "mixed_precision": ("ACCELERATE_MIXED_PRECISION", "no", "--mixed_precision"),
+    "gradient_accumulation_steps": ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1", "--gradient_accumulation_steps"),
+    "compile": ("ACCELERATE_DYNAMO_BACKEND", "no", "--dynamo_backend"),
+}
+# train.report_to -> Accelerate's trackers (log_with).
+TRACKERS = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}
+
+
+def _launcher_conflicts(requested: dict[str, Any]) -> list[str]:
+    """Warnings for each run-config value that overrides a different, explicit launcher setting."""
+    found = []
+    for key, value in requested.items():
+        variable, neutral, flag = LAUNCHER_SETTINGS[key]
+        launcher = os.environ.get(variable)
+        if value is None or launcher is None or launcher.lower() == neutral:
+            continue
+        if key == "compile":
+            differs = not value  # any dynamo backend compiles; ours is inductor
+        elif key == "gradient_accumulation_steps":
+            differs = int(launcher) != int(value)
+        else:
+            differs = launcher.lower() != str(value).lower()
+        if differs:
+            found.append(f"train.{key}={value} in the run config overrides the launcher's {flag} "
+                         f"({variable}={launcher}); unset it (null) to let the launcher decide")
+    return found
+
+
 def build_accelerator(
     output_dir: str | os.PathLike,
-    mixed_precision: str,
-    gradient_accumulation_steps: int,
-    compile: bool = False,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int | None = None,
+    compile: bool | None = None,
+    report_to: str = "tensorboard",
 ) -> Accelerator:
-    """The run's ``Accelerator``: TensorBoard under ``output_dir/logs``, schedulers stepped by hand.
+    """The run's ``Accelerator``: trackers under ``output_dir/logs``, schedulers stepped by hand.
+
+    Precedence, as in diffusers' example scripts: a setting left unset (None) comes from
+    the launcher (``accelerate launch --mixed_precision bf16``, ``accelerate config``,
+    passed through ``ACCELERATE_*`` environment variables), else accelerate's default
+    (no, 1, no); a value given here wins, and a different explicit launcher value gets a
+    warning naming both.
 
     Under ``torchrun`` (or any launcher that sets ``WORLD_SIZE``) on a machine without a
     GPU, accelerate only forms a multi-process (gloo) group when told ``cpu=True``;
     otherwise every process silently trains alone. We pass it, and check the result.
 
     Args:
+        mixed_precision: ``no`` | ``fp16`` | ``bf16``, or None (the launcher's).
+        gradient_accumulation_steps: >= 1, or None (the launcher's).
         compile: ``torch.compile`` (inductor) every model ``prepare`` gets, after the DDP
-            wrap as PyTorch recommends; ``unwrap_model`` returns the eager module.
-
+            wrap as PyTorch recommends (``unwrap_model`` returns the eager module); None:
+            the launcher's ``--dynamo_backend``.
+        report_to: ``tensorboard`` | ``wandb`` | ``all`` | ``none`` (``TRACKERS``).
     Raises:
         RuntimeError: if the launcher started N > 1 processes but accelerate formed none.
     """
+    for warning in _launcher_conflicts({"mixed_precision": mixed_precision,
+                                        "gradient_accumulation_steps": gradient_accumulation_steps,
+                                        "compile": compile}):
+        logger.warning(warning)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         cpu=world_size > 1 and not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        log_with="tensorboard",
+        # A plugin, because a plain gradient_accumulation_steps= loses to the environment.
+        gradient_accumulation_plugin=None if gradient_accumulation_steps is None
+        else GradientAccumulationPlugin(num_steps=gradient_accumulation_steps),
+        log_with=TRACKERS[report_to] or None,
         # Our schedulers step once per optimizer step by hand: accelerate would step them
         # num_processes times, assuming a dataloader it had sharded (ours shards itself).
         step_scheduler_with_optimizer=False,
-        dynamo_backend="inductor" if compile else "no",
+        dynamo_backend=None if compile is None else ("inductor" if compile else "no"),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")),
     )
     if world_size > 1 and accelerator.num_processes != world_size:
@@ -86,11 +137,21 @@ def build_accelerator(
     return accelerator
 
 
+def resolved_launch_settings(accelerator: Accelerator) -> dict[str, Any]:
+    """The mixed precision, accumulation and compile setting the accelerator really uses."""
+    return {"mixed_precision": str(accelerator.mixed_precision),
+            "gradient_accumulation_steps": int(accelerator.gradient_accumulation_steps),
+            "compile": accelerator.state.dynamo_plugin.backend != DynamoBackend.NO}
+
+
 def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwrite: bool) -> Path:
     """Check (and with ``overwrite`` clear) the output dir before any work.
 
+    The folder itself is created by ``open_logs``, once everything that can fail before
+    the first step has passed, so that a failed start leaves nothing behind.
+
     Args:
-        output_dir: where the run writes; created if missing.
+        output_dir: where the run writes.
         resume: ``None``, ``"latest"`` or a checkpoint path (``--resume``).
         overwrite: remove an earlier run's files (only the names in ``RUN_ARTIFACTS``).
     Returns:
@@ -110,7 +171,6 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwr
         for name in existing:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -600,10 +660,13 @@ def resume_command() -> str:
     """This process's command line with ``--resume`` dropped, for "resume with" messages.
 
     Under ``accelerate launch`` or ``torchrun`` ``sys.argv`` holds only the script and
-    its arguments; the launcher is prefixed as ``accelerate launch``.
+    its arguments; the launcher is prefixed as ``accelerate launch`` (``accelerate launch
+    -m lat COMMAND`` for the ``lat`` command, whose ``sys.argv[0]`` is ``"lat COMMAND"``).
     """
+    program = sys.argv[0].split() if sys.argv and sys.argv[0].startswith("lat ") else sys.argv[:1]
+    launch = ["accelerate", "launch", "-m"] if program[:1] == ["lat"] else ["accelerate", "launch"]
     args, skip = [], False
-    for a in sys.argv:
+    for a in sys.argv[1:]:
         if skip:
             skip = False
             continue
@@ -613,25 +676,7 @@ def resume_command() -> str:
         if a.startswith("--resume="):
             continue
         args.append(a)
-    return "accelerate launch " + shlex.join(args)
-
-
-def save_pretrained_atomic(model: Any, out_dir: str | os.PathLike) -> Path:
-    """``model.save_pretrained`` (safetensors) into ``out_dir``, atomically.
-
-    For any diffusers model or pipeline. Writes a hidden temporary folder beside it, fsyncs
-    it and renames it into place (``autoencoderkl.atomic.atomic_dir``), so a reader never
-    sees a half-written folder; an existing ``out_dir`` is replaced.
-
-    Returns:
-        ``out_dir`` as a Path, loadable with the model's ``from_pretrained``.
-    Raises:
-        OSError: if the folder cannot be written; ``out_dir`` is then left as it was.
-    """
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-    return out
+    return shlex.join(launch + program + args)
 
 
 # ---------------------------------------------------------------- the loops' shared pieces
@@ -648,18 +693,27 @@ def start_run(
     Returns:
         ``(accelerator, output dir, checkpoint to resume from or None)``. Every process
         is seeded with ``train.seed`` (identical initial weights); the loops reseed per
-        process before their first step.
+        process before their first step. ``train.mixed_precision``,
+        ``gradient_accumulation_steps`` and ``compile`` hold the values in force (the
+        run config's, else the launcher's, else the defaults), and are logged.
     Raises:
         FileExistsError, FileNotFoundError: from ``prepare_output_dir`` / ``resolve_resume``.
     """
-    accelerator = build_accelerator(output_dir, train.mixed_precision, train.gradient_accumulation_steps,
-                                    compile=train.compile)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
+    requested = {key: getattr(train, key) for key in LAUNCHER_SETTINGS}
+    accelerator = build_accelerator(output_dir, report_to=train.report_to, **requested)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    # The values in force from here on, in the config the loop reads and config.yaml records.
+    resolved = resolved_launch_settings(accelerator)
+    for key, value in resolved.items():
+        setattr(train, key, value)
+    origin = {key: "run config" if requested[key] is not None
+              else "launcher" if os.environ.get(LAUNCHER_SETTINGS[key][0]) else "default" for key in resolved}
     threads = set_cpu_threads(accelerator, train.cpu_threads)
-    logger.info("device %s, %d process(es), %d CPU threads each", accelerator.device, accelerator.num_processes, threads)
+    logger.info("device %s, %d process(es), %d CPU threads each; %s", accelerator.device, accelerator.num_processes,
+                threads, ", ".join(f"{k} {v} ({origin[k]})" for k, v in resolved.items()))
     set_seed(train.seed)
     out = Path(output_dir)
     if accelerator.is_main_process:
@@ -676,9 +730,38 @@ def open_logs(accelerator: Accelerator, cfg: Any, out: Path, notes: list[str], r
         resume_step: the step resumed from (later lines of metrics.jsonl are dropped), or None.
     """
     if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)  # the first file a run writes: a run that failed earlier left none
         save_config(cfg, out / "config.yaml", notes)
-        accelerator.init_trackers("tensorboard")
+        flat = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+                for key, value in _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))}
+        # The project groups runs in W&B (WANDB_PROJECT overrides it); the run is named after the output dir.
+        accelerator.init_trackers(os.environ.get("WANDB_PROJECT", "latent-autoencoders"), config=flat,
+                                  init_kwargs={"wandb": {"name": out.resolve().name, "dir": str(out)}})
     return MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_step)
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    return [item for key, value in tree.items()
+            for item in (_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)])]
+
+
+def log_image(accelerator: Accelerator, name: str, path: Path, step: int) -> None:
+    """Log a PNG the run just wrote (a sample grid) to every tracker as an image.
+
+    Args:
+        name: the tracker's key, e.g. ``val/reconstructions``.
+        path: an RGB PNG file.
+        step: ``global_step``.
+    """
+    if not accelerator.trackers:
+        return
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"))  # (H, W, 3) uint8
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({name: [pixels]}, step=step)
 
 
 class _Indices(torch.utils.data.Sampler):

@@ -1,9 +1,13 @@
 """Stage 1: train an AutoencoderKL with L1 + LPIPS + PatchGAN + KL under Accelerate.
 
-Reads top to bottom: Accelerator -> seed -> run dir -> model, loss, optimizers -> data ->
-``prepare`` -> resume -> loop -> export. One encoder/decoder forward per optimizer step
-feeds both the autoencoder update and the discriminator update (on the detached
-reconstruction), as in LDM's ``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022).
+Reads top to bottom: Accelerator -> seed -> run dir -> data -> model, loss, optimizers ->
+``prepare`` -> resume -> logs -> loop -> export. The data comes first so that a bad folder
+fails before any model is built or any download is tried; the output dir is created by
+``open_logs`` just before the loop, so a run that fails to start leaves none behind.
+
+One encoder/decoder forward per optimizer step feeds both the autoencoder update and the
+discriminator update (on the detached reconstruction), as in LDM's
+``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022).
 
 Launch with ``accelerate launch scripts/train_vae.py --config ...`` (any number of
 processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
@@ -52,6 +56,7 @@ from .run import (
     final_weights,
     infinite_batches,
     load_checkpoint,
+    log_image,
     open_logs,
     optimizer_step,
     rollback,
@@ -165,6 +170,20 @@ def main(
     # then a per-process seed for posterior noise in the loop.
     accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)
 
+    # ---- data (first: a bad folder fails before any model is built or VGG16 fetched) --
+    # The main process lists the folders; the other ranks receive the list (a million
+    # files on network storage are walked once, not once per rank).
+    train_paths, val_paths = broadcast_paths(accelerator, lambda: split_paths(cfg))
+    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
+                            cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
+                            permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
+    val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+    val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
+    logger.info(  # unreadable training files are found (skipped, counted) when first read
+        "data: %d training images, %d validation crops of %d px from %d images",
+        len(train_set), len(val_images), cfg.data.resolution, len(val_set.paths),
+    )
+
     # ---- model, loss, optimizers -------------------------------------------------
     if cfg.model.pretrained:
         vae = load_vae(cfg.model.pretrained).train()
@@ -212,20 +231,6 @@ def main(
     sched_d = get_scheduler(cfg.optim.lr_scheduler, opt_d, **schedule)
     ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=AutoencoderKL, model_config=vae.config) if cfg.train.use_ema else None
 
-    # ---- data ---------------------------------------------------------------------
-    # The main process lists the folders; the other ranks receive the list (a million
-    # files on network storage are walked once, not once per rank).
-    train_paths, val_paths = broadcast_paths(accelerator, lambda: split_paths(cfg))
-    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
-                            cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
-                            permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
-    val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
-    val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
-    logger.info(  # unreadable training files are found (skipped, counted) when first read
-        "data: %d training images, %d validation crops of %d px from %d images",
-        len(train_set), len(val_images), cfg.data.resolution, len(val_set.paths),
-    )
-
     vae_forward = AutoencoderWithPosterior(vae)
     vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d
@@ -261,7 +266,9 @@ def main(
             metrics, recs = validate(accelerator, vae_unwrapped, val_images, cfg.data.batch_size)
         metrics_log.write(step, metrics)
         accelerator.log(metrics, step=step)
-        save_grid(val_images, recs, out / "samples" / f"step-{step:07d}.png")
+        grid = out / "samples" / f"step-{step:07d}.png"
+        save_grid(val_images, recs, grid)
+        log_image(accelerator, "val/reconstructions", grid, step)
         tqdm.write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
         return metrics
 
@@ -358,10 +365,12 @@ def main(
             # Measured, never a hard-coded 0.18215; the latent cache re-measures it over
             # the whole dataset.
             final.register_to_config(scaling_factor=estimate_scaling_factor(final.eval(), val_images))
-        export_vae(final, vae_dir)
+        export_vae(final, vae_dir, card=dict(steps=global_step, data=cfg.data.train_dir or cfg.data.source, val=last_val,
+                                             config=OmegaConf.to_container(OmegaConf.structured(cfg))))
         logger.info("exported %s (scaling_factor %.4f)", vae_dir, final.config.scaling_factor)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),
+            "export_dir": str(vae_dir),
             "is_main_process": accelerator.is_main_process, "vae": vae_unwrapped, "discriminator": disc_unwrapped,
             "nonfinite_skips": guard.skipped, "rollbacks": guard.rollbacks}

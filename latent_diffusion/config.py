@@ -20,6 +20,9 @@ from autoencoderkl.config import LOOP_CHOICES, LoopConfig, check_loop_config, me
 # diffusers block names a UNet2DModel accepts (the rest are conditioning-specific).
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
+# Samplers a pipeline can be sampled with (latent_diffusion.model.build_sampler); here, not
+# in model.py, so that command-line --help lists them without importing diffusers.
+SAMPLERS = ("ddim", "ddpm", "dpm", "euler")
 
 
 @dataclass
@@ -36,11 +39,12 @@ class ModelConfig:
     # One block type per level, from the input resolution down (Attn* = self-attention
     # after each ResNet layer of that level).
     down_block_types: list[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"])
+    # The same levels on the way up, from the lowest resolution.
     up_block_types: list[str] = field(default_factory=lambda: ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
     layers_per_block: int = 2  # ResNet layers per level (up blocks get one more, as diffusers)
     attention_head_dim: int = 32  # channels per attention head
     norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
-    dropout: float = 0.0
+    dropout: float = 0.0  # in the ResNet blocks, in [0, 1)
     # Condition on the cache's class labels when it has any (num_class_embeds = classes
     # + 1: the extra index is the "null" class of classifier-free guidance). false trains
     # an unconditional model even on a labelled cache.
@@ -56,8 +60,8 @@ class NoiseConfig:
 
     num_train_timesteps: int = 1000  # T; training draws t uniformly from {1..T}
     beta_schedule: str = "scaled_linear"  # LDM: betas = linspace(sqrt(b0), sqrt(b1), T) ** 2
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    beta_start: float = 0.00085  # beta_1 of the schedule (LDM's)
+    beta_end: float = 0.012  # beta_T of the schedule (LDM's)
     # What the U-Net predicts: epsilon (LDM, DDPM) | v_prediction (Salimans & Ho 2022,
     # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) c_0).
     prediction_type: str = "epsilon"
@@ -90,7 +94,7 @@ class DataConfig:
     # shift_factor null: 0.0, as SD 1.x/2.x. (The cache's index.json records the latents'
     # mean as its shift_factor; pass that for an SD3-style centred latent space.)
     scaling_factor: Optional[float] = None
-    shift_factor: Optional[float] = None
+    shift_factor: Optional[float] = None  # see above: subtracted from z before scaling
     batch_size: int = 64  # per process
     # Latents are small and memory-mapped: 0 reads them in the main process (needed for a
     # bit-exact resume, since the posterior draws then come from the checkpointed RNG).
@@ -102,9 +106,9 @@ class OptimConfig:
     """AdamW on the U-Net, with a warm-up."""
 
     lr: float = 1e-4  # per optimizer step; no hidden scaling with the batch
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
-    eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    weight_decay: float = 0.01  # decoupled weight decay of AdamW
+    eps: float = 1e-8  # AdamW's epsilon
     max_grad_norm: Optional[float] = 1.0  # clip the global gradient norm; null = off
     # diffusers.optimization schedule over train.max_steps:
     # constant | constant_with_warmup | linear | cosine.
@@ -122,7 +126,7 @@ class TrainConfig(LoopConfig):
     # Ramp the decay up as 1 - (1 + step) ** -ema_power (diffusers' use_ema_warmup with
     # inv_gamma 1), capped at ema_decay, so short runs are not dominated by the init.
     ema_warmup: bool = True
-    ema_power: float = 0.75
+    ema_power: float = 0.75  # see ema_warmup
     # Every train.validation_steps: a fixed-noise validation loss and a grid of
     # samples (EMA weights), num_validation_samples images from fixed seeds 0..N-1.
     num_validation_samples: int = 16

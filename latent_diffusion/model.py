@@ -20,9 +20,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import FrozenDict
 
-from .config import ModelConfig, NoiseConfig
-
-SAMPLERS = ("ddim", "ddpm", "dpm", "euler")
+from .config import SAMPLERS, ModelConfig, NoiseConfig
 
 
 def build_unet(cfg: ModelConfig, latent_shape: tuple[int, int, int], num_classes: int | None) -> UNet2DModel:
@@ -64,12 +62,6 @@ def build_unet(cfg: ModelConfig, latent_shape: tuple[int, int, int], num_classes
         dropout=cfg.dropout,
         num_class_embeds=None if num_classes is None else num_classes + 1,
     )
-
-
-def null_class_index(unet: UNet2DModel) -> int | None:
-    """The label that means "no class" (the last embedding row), or None if unconditional."""
-    n = unet.config.num_class_embeds
-    return None if n is None else n - 1
 
 
 def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:

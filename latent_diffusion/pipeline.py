@@ -12,11 +12,23 @@ and ``train.py`` writes the ``scaling_factor`` and ``shift_factor`` it actually 
 with (those of the latent cache, or the run's override) into ``pipeline/vae/config.json``.
 Sampling divides by exactly those numbers before decoding; nothing is hard-coded
 (Rombach et al. 2022, sec. 4.3.2: SD 1.x's 0.18215 is one VAE's value, not a constant).
+
+This file is self-contained (torch and diffusers only): ``latent_diffusion.export``
+copies it into every exported pipeline folder as ``pipeline.py`` and names it in
+``model_index.json``, so that plain diffusers loads the folder without this package,
+through its custom-pipeline mechanism::
+
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("runs/ldm-demo/pipeline", trust_remote_code=True)
+
+Keep it free of imports from ``latent_diffusion`` and ``autoencoderkl``.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -27,11 +39,13 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from autoencoderkl.run import save_pretrained_atomic
-
-from .model import null_class_index
-
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def null_class_index(unet: UNet2DModel) -> int | None:
+    """The label that means "no class" (the last embedding row), or None if unconditional."""
+    n = unet.config.num_class_embeds
+    return None if n is None else n - 1
 
 
 class LatentDiffusionPipeline(DiffusionPipeline):
@@ -63,6 +77,39 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(class_names=list(class_names) if class_names is not None else None)
         self.image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "LatentDiffusionPipeline":
+        """Load a saved pipeline folder (or a Hub repository holding one) as THIS class.
+
+        The folder's ``model_index.json`` names its own ``pipeline.py`` (so that plain
+        ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` works without
+        this package); loaded through this class, the components are read directly and
+        no code from the folder runs.
+
+        Args:
+            pretrained_model_name_or_path: a folder with ``model_index.json``, ``unet/``,
+                ``scheduler/``, ``vae/``; or a Hub id (downloaded into the HF cache).
+            kwargs: ``torch_dtype`` for the models; ``local_files_only``, ``revision``,
+                ``cache_dir``, ``token`` for the download.
+        Raises:
+            FileNotFoundError: if the folder lacks ``model_index.json``.
+        """
+        hub = {k: kwargs[k] for k in ("local_files_only", "revision", "cache_dir", "token") if k in kwargs}
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(pretrained_model_name_or_path), **hub))
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{folder} holds no model_index.json: not a saved pipeline")
+        index = json.loads((folder / "model_index.json").read_text())
+        dtype = {"torch_dtype": kwargs["torch_dtype"]} if "torch_dtype" in kwargs else {}
+        scheduler_class = getattr(importlib.import_module(index["scheduler"][0]), index["scheduler"][1])
+        return cls(UNet2DModel.from_pretrained(folder / "unet", **dtype),
+                   scheduler_class.from_pretrained(folder / "scheduler"),
+                   AutoencoderKL.from_pretrained(folder / "vae", **dtype),
+                   class_names=index.get("class_names"))
 
     @property
     def num_classes(self) -> int | None:
@@ -165,36 +212,3 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
-
-
-def save_pipeline(pipeline: LatentDiffusionPipeline, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` in safetensors into ``out_dir``, atomically.
-
-    Writes ``out_dir.tmp`` and renames it into place, so a reader never sees a
-    half-written pipeline; an existing ``out_dir`` is replaced.
-
-    Returns:
-        ``out_dir`` as a Path, loadable with ``LatentDiffusionPipeline.from_pretrained``.
-    """
-    return save_pretrained_atomic(pipeline, out_dir)
-
-
-def load_pipeline(path: str | os.PathLike, device: str | torch.device | None = None) -> LatentDiffusionPipeline:
-    """Load a saved pipeline from its folder or from a training run's output dir, offline.
-
-    Args:
-        path: a folder holding ``model_index.json`` (``save_pipeline``), or a run's output
-            dir whose ``pipeline/`` is that.
-        device: where to move it (default: stay on the CPU).
-    Raises:
-        FileNotFoundError: if neither ``path`` nor ``path/pipeline`` is a pipeline folder.
-    """
-    root = Path(path)
-    for candidate in (root, root / "pipeline"):
-        if (candidate / "model_index.json").is_file():
-            pipe = LatentDiffusionPipeline.from_pretrained(candidate, local_files_only=True)
-            return pipe.to(device) if device is not None else pipe
-    raise FileNotFoundError(
-        f"no LatentDiffusionPipeline at {root}: expected a folder with model_index.json, unet/, scheduler/ "
-        f"and vae/ (what train_ldm.py writes as OUTPUT_DIR/pipeline), or a run's output dir holding one"
-    )

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from autoencoderkl.atomic import atomic_path
 
 from .model import SAMPLERS, build_sampler
-from .pipeline import LatentDiffusionPipeline, load_pipeline
+from .export import load_pipeline
+from .pipeline import LatentDiffusionPipeline
 
 GRID_MAX = 64  # images shown in grid.png (the first ones)
 

@@ -43,6 +43,7 @@ from autoencoderkl.run import (
     final_weights,
     infinite_batches,
     load_checkpoint,
+    log_image,
     open_logs,
     optimizer_step,
     rollback,
@@ -53,8 +54,9 @@ from autoencoderkl.run import (
 
 from .config import LDMConfig
 from .latents import LatentDataset, load_index
-from .model import build_noise_scheduler, build_sampler, build_unet, null_class_index
-from .pipeline import LatentDiffusionPipeline, save_pipeline
+from .export import save_pipeline
+from .model import build_noise_scheduler, build_sampler, build_unet
+from .pipeline import LatentDiffusionPipeline, null_class_index
 from .sample import image_generators
 
 logger = logging.getLogger(__name__)
@@ -331,8 +333,10 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         with ema_weights(ema, unet_unwrapped):
             val_loss = validation_loss(unet_unwrapped, noise_scheduler, val_batch, cfg.data.batch_size,
                                        accelerator.autocast)
+            grid = out / "samples" / f"step-{step:07d}.png"
             sample_grid(pipeline, cfg.train.num_validation_samples, cfg.train.validation_inference_steps,
-                        cfg.train.validation_guidance_scale, out / "samples" / f"step-{step:07d}.png")
+                        cfg.train.validation_guidance_scale, grid)
+        log_image(accelerator, "val/samples", grid, step)
         metrics_log.write(step, {"val/loss": val_loss})
         accelerator.log({"val/loss": val_loss}, step=step)
         tqdm.write(f"step {step}: validation loss {val_loss:.4f}")
@@ -409,12 +413,13 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         export = LatentDiffusionPipeline(final_weights(unet_unwrapped, ema).eval(),
                                          build_sampler(cfg.noise.pipeline_scheduler, noise_scheduler.config),
                                          vae.eval(), class_names=pipeline.config.class_names)
-        save_pipeline(export, pipeline_dir)
+        save_pipeline(export, pipeline_dir, card=dict(pipeline=export, steps=global_step, latents=str(cfg.data.latents),
+                                                      val_loss=last_val, config=OmegaConf.to_container(OmegaConf.structured(cfg))))
         logger.info("exported %s (%s scheduler; vae scaling_factor %.6g, shift_factor %.6g)", pipeline_dir,
                     type(export.scheduler).__name__, scaling_factor, shift_factor)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val_loss": first_val, "last_val_loss": last_val,
-            "pipeline_dir": str(pipeline_dir), "is_main_process": accelerator.is_main_process,
+            "pipeline_dir": str(pipeline_dir), "export_dir": str(pipeline_dir), "is_main_process": accelerator.is_main_process,
             "unet": unet_unwrapped, "ema": ema, "nonfinite_skips": guard.skipped,
             "rollbacks": guard.rollbacks}

@@ -8,7 +8,7 @@
 import sys
 from pathlib import Path
 
-# This checkout's lat/ first, so the script runs before (or without) a reinstall that knows it.
+# This checkout's packages first, so the script runs without (or before) pip install -e .
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lat.benchmark.cli import main  # noqa: E402

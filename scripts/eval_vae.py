@@ -1,109 +1,16 @@
 #!/usr/bin/env python
-"""Measure an AutoencoderKL on a folder of held-out images (PSNR, SSIM, LPIPS, rFID, KL).
+"""Measure VAEs on held-out images (PSNR, SSIM, LPIPS, rFID, latent statistics): `lat eval-vae` from a checkout.
 
-  python scripts/eval_vae.py --vae runs/my-vae --data /data/heldout --resolution 256
-  python scripts/eval_vae.py --vae vae-ft-mse-840000-ema-pruned.safetensors --data /data/heldout
-  python scripts/eval_vae.py --vae runs/my-vae --data /data/train --latent-stats \\
-      --write-config runs/my-vae/config.measured.json
-
---vae takes a diffusers folder, a training output dir (its vae/), or an original
-single-file Stable Diffusion VAE (.safetensors / .ckpt). The evaluation writes the report
-(--out, JSON), <stem>_per_image.csv and <stem>_worst8.png (input | reconstruction |
-difference x4) beside it. --latent-stats instead measures the mean and std of posterior
-samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
+  python scripts/eval_vae.py --help          (the same as: lat eval-vae --help)
 """
 
-import argparse
-import json
 import sys
+from pathlib import Path
 
+# This checkout's packages first, so the script runs without (or before) pip install -e .
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="diffusers folder, training output dir, or .safetensors/.ckpt file")
-    parser.add_argument("--vae-config", help="config.json (or its folder) for a single-file --vae whose architecture "
-                                             "or scaling_factor differs from SD 1.x's (e.g. SDXL's vae/config.json)")
-    parser.add_argument("--data", required=True, help="image folder, searched recursively")
-    parser.add_argument("--resolution", type=int, default=256, help="centre-crop side in pixels (default 256)")
-    parser.add_argument("--max-images", type=int, help="at most N images, evenly spaced over the sorted files")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader processes decoding images (default 1)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--out", help="report path (default report.json; latent_stats.json with --latent-stats)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--tiling", action="store_true",
-                        help="encode/decode in overlapping tiles (diffusers' enable_tiling): the memory of one tile, for "
-                             "--resolution well above the training size. Tiles are normalised separately and blended, so "
-                             "figures differ from untiled ones (about +-0.3 dB for the demo VAE at 512 px)")
-    parser.add_argument("--tile-size", type=int, metavar="PX",
-                        help="with --tiling: tile side in pixels (default: the VAE's sample_size, its training size)")
-    ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--lpips", choices=("auto", "off"), default="auto",
-                    help="LPIPS (VGG) when torchvision's VGG16 weights can be had (default auto)")
-    ev.add_argument("--fid", choices=("auto", "off"), default="auto",
-                    help="rFID when torch-fidelity and its Inception weights are present; never downloads (default auto)")
-    ev.add_argument("--inception-weights", help="path of weights-inception-2015-12-05-6726825d.pth for rFID")
-    ev.add_argument("--save-reconstructions", metavar="DIR", help="also write every 8-bit reconstruction as PNG")
-    st = parser.add_argument_group("latent statistics")
-    st.add_argument("--latent-stats", action="store_true",
-                    help="measure posterior-sample statistics and scaling_factor instead of reconstructions")
-    st.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (default 0)")
-    st.add_argument("--write-config", metavar="PATH",
-                    help="write a copy of the VAE's config.json with the measured scaling_factor to PATH (a new file)")
-    st.add_argument("--shift-factor", action="store_true", help="with --write-config: also write shift_factor = mean")
-    args = parser.parse_args(argv)
-    if (args.write_config or args.shift_factor) and not args.latent_stats:
-        parser.error("--write-config and --shift-factor need --latent-stats")
-    if args.tile_size is not None and not args.tiling:
-        parser.error("--tile-size needs --tiling")
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from autoencoderkl.evaluate import evaluate_vae, latent_statistics, write_config_with_latent_stats, write_json
-    from autoencoderkl.model import load_vae
-
-    common = dict(resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
-                  num_workers=args.num_workers, device=args.device, progress=not args.quiet)
-    try:
-        if args.latent_stats:
-            vae = load_vae(args.vae, config=args.vae_config)
-            stats = latent_statistics(vae, args.data, seed=args.seed, **common)
-            stats["vae"] = args.vae
-            out = args.out or "latent_stats.json"
-            write_json(out, stats)
-            print(f"{stats['num_images']} images: latent mean {stats['mean']:.4f}, std {stats['std']:.4f} -> "
-                  f"scaling_factor {stats['scaling_factor']:.5f} (config has {stats['config_scaling_factor']}), "
-                  f"shift_factor {stats['shift_factor']:.4f}")
-            print("per channel mean", json.dumps([round(v, 4) for v in stats["per_channel"]["mean"]]),
-                  "std", json.dumps([round(v, 4) for v in stats["per_channel"]["std"]]))
-            print(f"wrote {out}")
-            if args.write_config:
-                path = write_config_with_latent_stats(vae, stats, args.write_config, shift=args.shift_factor)
-                print(f"wrote {path}")
-            return
-        report = evaluate_vae(args.vae, args.data, out=args.out or "report.json", lpips=args.lpips, fid=args.fid,
-                              inception_weights=args.inception_weights, save_reconstructions=args.save_reconstructions,
-                              vae_config=args.vae_config, tiling=args.tiling,
-                              tile_size=args.tile_size, **common)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    p, s = report["psnr"], report["ssim"]
-    print(f"{report['data']['num_images']} images at {report['data']['resolution']} px "
-          f"({report['data']['num_skipped']} skipped, {report['data']['num_upscaled']} upscaled), "
-          f"{report['run']['seconds']:.1f} s")
-    print(f"PSNR {p['mean']:.2f} +- {p['std']:.2f} dB   SSIM {s['mean']:.4f} +- {s['std']:.4f}   "
-          f"KL {report['kl']['mean']:.1f} nats")
-    for name in ("lpips", "rfid"):
-        value = report[name]
-        if value == "unavailable":
-            print(f"{name.upper()}: unavailable: {report['notes'][name]}")
-        else:
-            print(f"{name.upper()}: {value['mean'] if isinstance(value, dict) else value:.4f}")
-    print(f"wrote {args.out or 'report.json'}, {report['files']['csv']}, {report['files']['worst']}")
-
+from lat.commands.eval_vae import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

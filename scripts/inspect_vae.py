@@ -1,51 +1,16 @@
 #!/usr/bin/env python
-"""Pictures of a VAE's latent space: interpolation, prior samples, latent channels, curves.
+"""Pictures of a VAE's latent space and its training curves: `lat inspect-vae` from a checkout.
 
-  python scripts/inspect_vae.py --vae runs/my-vae --images a.png b.png --out inspect/
-  python scripts/inspect_vae.py --vae sd-vae.safetensors --images a.png b.png --resolution 512 --out inspect/
-
-Writes into --out: interpolation.png and interpolation.gif (decodes along the straight line
-between the latents of the first two --images), prior_samples.png (decodes of z ~ N(0, I)
-and of z ~ N(0, 1/scaling_factor^2)), latent_channels_<name>.png for every image (its
-latent channels as grey images), and curves.png, the losses and validation metrics of a
-training run's metrics.jsonl (when --vae or --run is a training output dir).
+  python scripts/inspect_vae.py --help          (the same as: lat inspect-vae --help)
 """
 
-import argparse
 import sys
+from pathlib import Path
 
+# This checkout's packages first, so the script runs without (or before) pip install -e .
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="diffusers folder, training output dir, or .safetensors/.ckpt file")
-    parser.add_argument("--vae-config", help="config.json (or its folder) for a single-file --vae")
-    parser.add_argument("--images", nargs="*", default=[], help="image files (two for the interpolation)")
-    parser.add_argument("--run", help="training output dir whose metrics.jsonl to plot (default: --vae, if it is one)")
-    parser.add_argument("--out", required=True, help="folder for the pictures")
-    parser.add_argument("--resolution", type=int, default=256, help="centre-crop side in pixels (default 256)")
-    parser.add_argument("--steps", type=int, default=8, help="decodes along the interpolation (default 8)")
-    parser.add_argument("--num-prior", type=int, default=8, help="prior samples per row (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the prior samples (default 0)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from autoencoderkl.visualize import inspect_vae
-
-    try:
-        written = inspect_vae(args.vae, args.out, images=args.images, resolution=args.resolution, steps=args.steps,
-                              num_prior=args.num_prior, seed=args.seed, run_dir=args.run, vae_config=args.vae_config,
-                              device=args.device)
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        sys.exit(f"error: {exc}")
-    for reason in written.pop("skipped"):
-        print(f"not drawn: {reason}")
-    for path in written.values():
-        print(f"wrote {path}")
-
+from lat.commands.inspect_vae import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

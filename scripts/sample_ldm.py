@@ -1,65 +1,16 @@
 #!/usr/bin/env python
-"""Sample images from a trained LatentDiffusionPipeline into PNG files and a grid.
+"""Sample a trained LatentDiffusionPipeline into PNG files and a grid: `lat sample-ldm` from a checkout.
 
-  python scripts/sample_ldm.py --model runs/ldm-demo/pipeline --num-images 16 --guidance-scale 2 --out runs/samples-demo
-  python scripts/sample_ldm.py --model runs/my-ldm/pipeline --num-images 10000 --scheduler dpm --steps 25 \\
-      --class-label 3 --guidance-scale 2 --batch-size 250 --out fid/ldm
-
-Writes OUT/000000.png ... (one per image), OUT/grid.png (the first 64) and
-OUT/sampling.json (the settings). Image i of seed S draws its noise from its own
-generator seeded (S, i): the same --seed gives the same files (with another
---batch-size, the same images up to float rounding).
+  python scripts/sample_ldm.py --help          (the same as: lat sample-ldm --help)
 """
 
-import argparse
 import sys
+from pathlib import Path
 
-from latent_diffusion.model import SAMPLERS
+# This checkout's packages first, so the script runs without (or before) pip install -e .
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def class_label(text: str):
-    """An integer class, or 'cycle' / 'none'."""
-    if text in ("cycle", "none"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer class, 'cycle' or 'none', got {text!r}") from None
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of train_ldm.py) or the run's output dir")
-    parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
-    parser.add_argument("--out", required=True, help="folder for the PNGs (created)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddim",
-                        help="ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) or euler; made from the "
-                             "pipeline's scheduler config (default ddim)")
-    parser.add_argument("--class-label", type=class_label, default="cycle", metavar="K|cycle|none",
-                        help="class K for every image; cycle: image i gets class i %% K (default); none: "
-                             "unconditional (the null class). An unconditional model takes only cycle or none")
-    parser.add_argument("--guidance-scale", type=float, default=1.0,
-                        help="classifier-free guidance scale (1 = off, default; try 1.5-4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the run (default 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    from latent_diffusion.sample import sample  # heavy imports after --help
-
-    try:
-        result = sample(args.model, args.out, args.num_images, steps=args.steps, scheduler=args.scheduler,
-                        class_label=args.class_label, guidance_scale=args.guidance_scale, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device)
-    except (FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    print(f"wrote {len(result['paths'])} images ({result['images_per_sec']:.2f} images/s) and {result['grid']}")
-
+from lat.commands.sample_ldm import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,8 @@ from latent_diffusion.config import NoiseConfig, load_config
 from latent_diffusion.encode import encode_latents
 from latent_diffusion.latents import load_index
 from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
-from latent_diffusion.pipeline import LatentDiffusionPipeline, load_pipeline, save_pipeline
+from latent_diffusion.export import load_pipeline, save_pipeline
+from latent_diffusion.pipeline import LatentDiffusionPipeline
 from latent_diffusion.sample import sample
 from latent_diffusion.train import diffusion_loss, main
 

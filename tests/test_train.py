@@ -184,8 +184,8 @@ def fp16_loss_scaling(monkeypatch, scale: float) -> None:
 
     build = run_module.build_accelerator
 
-    def with_scaler(output_dir, mixed_precision, accumulation, compile=False):
-        accelerator = build(output_dir, "fp16", accumulation, compile=compile)
+    def with_scaler(output_dir, **settings):
+        accelerator = build(output_dir, **{**settings, "mixed_precision": "fp16"})
         accelerator.native_amp = True
         accelerator.autocast_handler = AutocastKwargs(enabled=False)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)

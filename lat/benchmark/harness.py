@@ -328,6 +328,8 @@ def plan_cases(
     if ablate:
         for key, off in available.items():
             value = fast.get(key, _config_value(base_cfg, key))
+            if value is None:  # unset: the launcher's choice, which is its default (off) in a benchmark child
+                value = off
             if key in NO_EFFECT.get(device_type, ()):
                 skipped[key] = f"no effect on {device_type}"
             elif value == off:

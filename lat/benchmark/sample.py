@@ -23,7 +23,8 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     from latent_diffusion.config import load_config
     from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
-    from latent_diffusion.pipeline import LatentDiffusionPipeline, load_pipeline
+    from latent_diffusion.export import load_pipeline
+    from latent_diffusion.pipeline import LatentDiffusionPipeline
 
     device = default_device()
     cfg = load_config(args.config or STAGE2_DEMO, args.set)

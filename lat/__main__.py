@@ -1,0 +1,5 @@
+"""``python -m lat COMMAND ...`` (and ``accelerate launch -m lat COMMAND ...``)."""
+
+from lat.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""``lat``: one command for the whole toolkit, with a subcommand per task.
+
+    lat train-vae --config demo                 # stage 1 on one process
+    accelerate launch -m lat train-vae --config kl-f8 data.train_dir=/data/photos
+    lat eval-vae --vae runs/vae-demo --data /data/heldout
+    lat --help                                  # the subcommands
+
+One command with subcommands (as ``accelerate``, ``huggingface-cli`` and ``git`` do)
+rather than nine ``lat-*`` executables: one name to remember and to put after
+``accelerate launch -m`` or ``torchrun -m``, one ``--help`` that lists every task, and
+nothing imported but the chosen subcommand (each ``--help`` answers in well under a
+second). The ``scripts/*.py`` files of a checkout call the same functions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+
+# name -> (module with main(argv), one line for `lat --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train-vae": ("lat.commands.train_vae", "train an AutoencoderKL (stage 1; under accelerate launch for many processes)"),
+    "eval-vae": ("lat.commands.eval_vae", "measure VAEs on held-out images: PSNR, SSIM, LPIPS, rFID, latent statistics"),
+    "inspect-vae": ("lat.commands.inspect_vae", "pictures of a VAE's latent space and training curves"),
+    "encode-latents": ("lat.commands.encode_latents", "encode an image folder once into a latent cache for stage 2"),
+    "train-ldm": ("lat.commands.train_ldm", "train a latent diffusion U-Net on a latent cache (stage 2)"),
+    "sample-ldm": ("lat.commands.sample_ldm", "sample a trained pipeline into PNG files and a grid"),
+    "benchmark": ("lat.benchmark.cli", "measure training, encoding and sampling throughput"),
+}
+
+
+def usage() -> str:
+    """The text of ``lat --help``."""
+    width = max(map(len, COMMANDS))
+    lines = [__doc__.split("\n\n")[0].strip("`"), "", "usage: lat COMMAND [options]   (lat COMMAND --help for its options)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run ``lat COMMAND ...``: import only that command's module and call its ``main``.
+
+    Raises:
+        SystemExit: 2 with the list of commands (and a close match) for an unknown one.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"lat (latent-autoencoders) {version('latent-autoencoders')}")
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        sys.exit(f"lat: unknown command {name!r}{hint}\n\n{usage()}")
+    sys.argv = [f"lat {name}", *rest]  # argparse's prog, and the resume hint, name the subcommand
+    importlib.import_module(COMMANDS[name][0]).main(rest)

@@ -1,0 +1,104 @@
+"""What the training commands share: config lookup, the run flags, errors and exit codes.
+
+Only light imports at the top (argparse, the config dataclasses): ``--help`` must not
+load torch, diffusers or accelerate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+# The run configs: beside the package in an installed wheel (lat/configs, shipped as
+# package data), in the repository's configs/ in a checkout.
+_CONFIG_ROOTS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
+
+
+def config_path(name_or_path: str, stage: str) -> str:
+    """A ``--config`` value -> a YAML file: a path, or the name of a bundled config.
+
+    Args:
+        name_or_path: ``configs/autoencoderkl/demo.yaml``, or just ``demo`` / ``kl-f8``.
+        stage: ``autoencoderkl`` or ``latent_diffusion`` (the bundled configs' folder).
+    Returns:
+        The path to read (unchanged when it names an existing file).
+    Raises:
+        FileNotFoundError: naming the bundled configs when neither exists.
+    """
+    if Path(name_or_path).is_file() or name_or_path.endswith((".yaml", ".yml")):
+        return name_or_path
+    for root in _CONFIG_ROOTS:
+        candidate = root / stage / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return str(candidate)
+    bundled = sorted({p.stem for root in _CONFIG_ROOTS for p in (root / stage).glob("*.yaml")})
+    raise FileNotFoundError(f"--config {name_or_path}: no such file, and no bundled {stage} config of that name "
+                            f"(bundled: {', '.join(bundled) or 'none found'})")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
+    """The flags both training commands take (the config keys come after them as key=value)."""
+    parser.add_argument("--config", required=True,
+                        help=f"YAML run config, or the name of a bundled one (e.g. demo: configs/{stage}/demo.yaml)")
+    parser.add_argument("--output-dir", help="where the run writes (default: runs/<stage>-<config name>)")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue from the newest checkpoint in the output dir, or from a checkpoints/step-NNNNNNN folder")
+    parser.add_argument("--overwrite", action="store_true", help="remove an earlier run's files in the output dir first")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID",
+                        help="after training, upload the exported model (with its model card) to this Hugging Face "
+                             "Hub repository (created if missing; needs `huggingface-cli login` or HF_TOKEN)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=200")
+
+
+def load_or_exit(load: Callable[..., Any], config: str, stage: str, overrides: list[str]) -> Any:
+    """``load(path, overrides)``, or exit with ``error: ...`` (status 2) before any work."""
+    try:
+        return load(config_path(config, stage), overrides)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def print_dry_run(cfg: Any) -> None:
+    """``--dry-run``: the resolved config as YAML."""
+    from omegaconf import OmegaConf
+
+    print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+
+
+def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output_dir: str) -> dict[str, Any]:
+    """Call ``module.main(cfg, output_dir, resume, overwrite)`` and turn failures into exit codes.
+
+    Heavy imports happen here, after the config was found good. A user error (a bad
+    folder, a run already in the output dir, a bad checkpoint) exits 1 with ``error: ...``;
+    a signal or NaN/inf stop exits with ``TrainingStopped.exit_code`` (143 after SIGTERM)
+    after its checkpoint. With ``--push-to-hub``, the main process uploads the export.
+
+    Returns:
+        The training summary (every process).
+    """
+    train = importlib.import_module(module).main
+    from autoencoderkl.run import TrainingStopped
+
+    output_dir = args.output_dir or default_output_dir
+    try:
+        summary = train(cfg, output_dir, resume=args.resume, overwrite=args.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingStopped as exc:  # a signal (checkpoint written) or repeated NaN/inf gradients
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    if summary["rollbacks"] and summary["is_main_process"]:
+        print(f"{len(summary['rollbacks'])} NaN rollback(s): "
+              + "; ".join(f"step {r['from_step']} -> {r['to_step']}, lr x {r['lr_scale']:g}" for r in summary["rollbacks"]))
+    if args.push_to_hub and summary["is_main_process"]:
+        from autoencoderkl.hub import push_folder
+
+        url = push_folder(summary["export_dir"], args.push_to_hub)
+        print(f"pushed {summary['export_dir']} to {url}")
+    return summary
