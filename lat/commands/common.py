@@ -70,17 +70,21 @@ def print_dry_run(cfg: Any) -> None:
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
 
 
-def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output_dir: str) -> dict[str, Any]:
-    """Call ``module.main(cfg, output_dir, resume, overwrite)`` and turn failures into exit codes.
+def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output_dir: str,
+                 report: Callable[[dict[str, Any]], str]) -> dict[str, Any] | None:
+    """``--dry-run``, or ``module.main(cfg, output_dir, resume, overwrite)`` with failures as exit codes.
 
     Heavy imports happen here, after the config was found good. A user error (a bad
     folder, a run already in the output dir, a bad checkpoint) exits 1 with ``error: ...``;
     a signal or NaN/inf stop exits with ``TrainingStopped.exit_code`` (143 after SIGTERM)
-    after its checkpoint. With ``--push-to-hub``, the main process uploads the export.
+    after its checkpoint. The main process prints ``report(summary)`` and any NaN
+    rollbacks, and with ``--push-to-hub`` uploads the export.
 
     Returns:
-        The training summary (every process).
+        The training summary (every process), or None after ``--dry-run``.
     """
+    if args.dry_run:
+        return print_dry_run(cfg)
     train = importlib.import_module(module).main
     from autoencoderkl.run import TrainingStopped
 
@@ -93,10 +97,13 @@ def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output
     except TrainingStopped as exc:  # a signal (checkpoint written) or repeated NaN/inf gradients
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    if summary["rollbacks"] and summary["is_main_process"]:
+    if not summary["is_main_process"]:
+        return summary
+    print(report(summary))
+    if summary["rollbacks"]:
         print(f"{len(summary['rollbacks'])} NaN rollback(s): "
               + "; ".join(f"step {r['from_step']} -> {r['to_step']}, lr x {r['lr_scale']:g}" for r in summary["rollbacks"]))
-    if args.push_to_hub and summary["is_main_process"]:
+    if args.push_to_hub:
         from autoencoderkl.hub import push_folder
 
         url = push_folder(summary["export_dir"], args.push_to_hub)

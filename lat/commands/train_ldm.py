@@ -19,7 +19,7 @@ from pathlib import Path
 from autoencoderkl.config import keys_help
 from latent_diffusion.config import LDMConfig, load_config
 
-from .common import add_run_arguments, load_or_exit, print_dry_run, run_training
+from .common import add_run_arguments, load_or_exit, run_training
 
 
 def parse_args(argv=None):
@@ -33,6 +33,14 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags
 
 
+def report(summary: dict) -> str:
+    """What the main process prints at the end."""
+    first, last, out = summary["first_val_loss"], summary["last_val_loss"], summary["export_dir"]
+    loss = (f"validation loss {first:.4f} at step 0 -> {last:.4f} at step {summary['global_step']}\n"
+            if first is not None and last is not None else "")
+    return loss + f"exported {out}: sample it with lat sample-ldm --model {out} --num-images 16 --out SAMPLES_DIR"
+
+
 def main(argv=None):
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -42,13 +50,4 @@ def main(argv=None):
     if not cfg.data.latents:
         print("error: no latent cache: give --latents DIR (made by `lat encode-latents`)", file=sys.stderr)
         sys.exit(2)
-    if args.dry_run:
-        return print_dry_run(cfg)
-    summary = run_training("latent_diffusion.train", cfg, args, str(Path("runs") / f"ldm-{Path(args.config).stem}"))
-    if not summary["is_main_process"]:
-        return
-    first, last = summary["first_val_loss"], summary["last_val_loss"]
-    if first is not None and last is not None:
-        print(f"validation loss {first:.4f} at step 0 -> {last:.4f} at step {summary['global_step']}")
-    print(f"exported {summary['export_dir']}: sample it with "
-          f"lat sample-ldm --model {summary['export_dir']} --num-images 16 --out SAMPLES_DIR")
+    run_training("latent_diffusion.train", cfg, args, str(Path("runs") / f"ldm-{Path(args.config).stem}"), report)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from autoencoderkl.config import VAEConfig, keys_help, load_config
 
-from .common import add_run_arguments, load_or_exit, print_dry_run, run_training
+from .common import add_run_arguments, load_or_exit, run_training
 
 
 def parse_args(argv=None):
@@ -29,16 +29,15 @@ def parse_args(argv=None):
     return parser.parse_intermixed_args(argv)  # key=value may come before or after the flags
 
 
+def report(summary: dict) -> str:
+    """What the main process prints at the end."""
+    first, last, out = summary["first_val"], summary["last_val"], summary["export_dir"]
+    psnr = (f"validation PSNR {first['val/psnr']:.2f} dB at step 0 -> {last['val/psnr']:.2f} dB at step "
+            f"{summary['global_step']} (SSIM {last['val/ssim']:.3f})\n") if first and last else ""
+    return psnr + f"exported {out}: load it with diffusers.AutoencoderKL.from_pretrained({out!r})"
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_or_exit(load_config, args.config, "autoencoderkl", args.overrides)
-    if args.dry_run:
-        return print_dry_run(cfg)
-    summary = run_training("autoencoderkl.train", cfg, args, str(Path("runs") / f"vae-{Path(args.config).stem}"))
-    if not summary["is_main_process"]:
-        return
-    first, last = summary["first_val"], summary["last_val"]
-    if first and last:
-        print(f"validation PSNR {first['val/psnr']:.2f} dB at step 0 -> {last['val/psnr']:.2f} dB at step "
-              f"{summary['global_step']} (SSIM {last['val/ssim']:.3f})")
-    print(f"exported {summary['export_dir']}: load it with diffusers.AutoencoderKL.from_pretrained({summary['export_dir']!r})")
+    run_training("autoencoderkl.train", cfg, args, str(Path("runs") / f"vae-{Path(args.config).stem}"), report)
