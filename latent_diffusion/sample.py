@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from autoencoderkl.atomic import atomic_path
+from autoencoderkl.atomic import atomic_path, write_atomic
 
 from .model import SAMPLERS, build_sampler
 from .export import load_pipeline
@@ -163,6 +163,6 @@ def sample(
                 "class_names": pipeline.config.class_names,
                 "vae_scaling_factor": pipeline.vae.config.scaling_factor,
                 "vae_shift_factor": pipeline.vae.config.shift_factor}
-    (out / "sampling.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_atomic(out / "sampling.json", json.dumps(settings, indent=2) + "\n")
     return {"paths": paths, "grid": grid, "seconds": seconds, "images_per_sec": num_images / seconds,
             "settings": settings}

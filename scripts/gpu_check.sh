@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The prepared GPU check: every CUDA path for 2 steps on both stages, then the kl-f8 benchmark.
+#
+#   bash scripts/gpu_check.sh [OUT_DIR]          on a machine with one CUDA GPU (about 5-8 min)
+#   bash scripts/gpu_check.sh --cpu-smoke DIR    the same steps on CPU, compile and benchmark
+#                                                skipped: checks the script itself (about 3 min)
+#
+# Writes OUT_DIR/gpu_check.json: one entry per case (command, exit status, seconds, the last
+# lines of its output) plus the environment, and OUT_DIR/bench_train_vae_kl-f8.json from
+# lat.benchmark. Each case runs in its own process so one failure does not hide the others;
+# the script exits 1 if any case failed. Run it whenever a GPU is at hand and copy the figures
+# into docs/performance.md. Default OUT_DIR: $OUT (the device runner's folder) or runs/gpu-check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+smoke=0
+if [[ "${1:-}" == "--cpu-smoke" ]]; then smoke=1; shift; fi
+out=${1:-${OUT:-runs/gpu-check}}
+mkdir -p "$out"
+py=${PYTHON:-python}
+log="$out/cases.tsv"
+: > "$log"
+
+if [[ $smoke == 0 ]] && ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check: no CUDA device (use --cpu-smoke to check the script on a CPU)" >&2
+  exit 2
+fi
+
+# run NAME COMMAND...: time one case, keep its exit status and the tail of its output.
+run() {
+  local name=$1; shift
+  local start status
+  start=$(date +%s%N)
+  "$@" > "$out/$name.log" 2>&1
+  status=$?
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$(( ($(date +%s%N) - start) / 1000000 ))" "$*" >> "$log"
+  echo "gpu_check: $name: exit $status"
+}
+
+steps="train.max_steps=2 train.validation_steps=2 train.checkpointing_steps=2 train.log_steps=1"
+# Stage 1 at 256 px on the demo photos (kl-f8's crop size), the GAN on from step 0.
+vae_common="--config demo --overwrite $steps loss.disc_start=0 data.resolution=256 data.resize=256 data.batch_size=4"
+run vae_bf16 $py -m lat train-vae $vae_common --output-dir "$out/vae-bf16" train.mixed_precision=bf16
+run vae_channels_last $py -m lat train-vae $vae_common --output-dir "$out/vae-cl" train.channels_last=true
+run vae_fused_tf32 $py -m lat train-vae $vae_common --output-dir "$out/vae-fused" optim.fused=true train.allow_tf32=true \
+  train.mixed_precision=no
+run vae_fp16 $py -m lat train-vae $vae_common --output-dir "$out/vae-fp16" train.mixed_precision=fp16 \
+  train.gradient_accumulation_steps=2
+if [[ $smoke == 0 ]]; then
+  run vae_compile_all $py -m lat train-vae $vae_common --output-dir "$out/vae-compile" train.compile=true \
+    train.mixed_precision=bf16 train.channels_last=true
+fi
+# Tiling: encode + decode 512 px crops of the demo's held-out photos tile by tile.
+photos=$($py -c "import skimage.data, pathlib; print(pathlib.Path(skimage.data.data_dir))")
+mkdir -p "$out/photos" && cp "$photos/chelsea.png" "$photos/coffee.png" "$out/photos/"
+run vae_tiling $py -m lat eval-vae --vae "$out/vae-bf16" --data "$out/photos" --resolution 512 --tiling --tile-size 256 \
+  --out "$out/tiling.json" --lpips off --fid off --quiet
+
+# Stage 2 on a demo latent cache of the bf16 VAE.
+run encode $py -m lat encode-latents --vae "$out/vae-bf16" --data demo --resolution 256 --out "$out/latents"
+ldm_common="--config demo --latents $out/latents --overwrite $steps train.num_validation_samples=4 train.validation_inference_steps=4"
+run ldm_bf16 $py -m lat train-ldm $ldm_common --output-dir "$out/ldm-bf16" train.mixed_precision=bf16
+run ldm_channels_last_fused $py -m lat train-ldm $ldm_common --output-dir "$out/ldm-cl" train.channels_last=true \
+  optim.fused=true train.allow_tf32=true
+if [[ $smoke == 0 ]]; then
+  run ldm_compile $py -m lat train-ldm $ldm_common --output-dir "$out/ldm-compile" train.compile=true \
+    train.mixed_precision=bf16
+fi
+run sample $py -m lat sample-ldm --model "$out/ldm-bf16" --num-images 8 --steps 10 --out "$out/samples"
+
+# The benchmark: kl-f8 (SD's VAE shape) at 256 px, bf16 (the "optimized" CUDA case) against the baseline.
+if [[ $smoke == 0 ]]; then
+  run bench_kl_f8 $py -m lat benchmark --what train_vae --config configs/autoencoderkl/kl-f8.yaml --baseline \
+    --rounds 1 --repeats 3 --steps 5 --set data.source=demo data.resolution=256 data.resize=256 data.batch_size=8 \
+    --out "$out/bench_train_vae_kl-f8.json"
+fi
+
+$py - "$out" "$smoke" <<'EOF'
+import json, platform, sys
+from pathlib import Path
+
+import torch
+
+out, smoke = Path(sys.argv[1]), sys.argv[2] == "1"
+cases = []
+for line in (out / "cases.tsv").read_text().splitlines():
+    name, status, millis, command = line.split("\t", 3)
+    tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-5:]
+    cases.append({"case": name, "exit": int(status), "seconds": int(millis) / 1000, "command": command, "tail": tail})
+env = {"python": platform.python_version(), "torch": torch.__version__, "cpu_smoke": smoke,
+       "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+(out / "gpu_check.json").write_text(json.dumps({"environment": env, "cases": cases}, indent=2) + "\n")
+failed = [c["case"] for c in cases if c["exit"]]
+print(f"gpu_check: {len(cases) - len(failed)}/{len(cases)} cases passed; {out / 'gpu_check.json'}")
+sys.exit(1 if failed else 0)
+EOF
