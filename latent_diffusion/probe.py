@@ -348,7 +348,8 @@ def diffusability_report(
         work_dir: keep the crops, caches and probe runs there; None: a temporary folder
             beside ``out``, removed at the end.
         batch_size, num_workers, device, lpips, fid, inception_weights, progress: of the
-            reconstruction evaluation (``evaluate_vae``).
+            reconstruction evaluation (``evaluate_vae``); ``num_workers`` also decodes
+            the images for the latent caches.
     Returns:
         The report (what ``out`` holds).
     Raises:
@@ -378,7 +379,7 @@ def diffusability_report(
                                  progress=progress)
             t1 = time.perf_counter()
             result = probe_vae(folder, work / "images", work / f"probe-{k}", resolution, probe_config, probe_steps,
-                               seed, overrides)
+                               seed, overrides, num_workers=num_workers)
             entries.append({
                 "name": name, "path": str(path), "weights_sha256": vae_weights_sha256(model),
                 "config": recon["vae"]["config"],
@@ -437,12 +438,17 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def plot_report(report: dict[str, Any]) -> Image.Image:
-    """Two panels: the held-out probe curves (dashed: each VAE's i.i.d. reference) and the
-    latents' radial power spectra relative to white noise (dotted: half the Nyquist frequency)."""
+    """Two panels: the held-out probe curves from the first point after step 0 (dashed: each
+    VAE's i.i.d. reference) and the latents' radial power spectra relative to white noise
+    (dotted: half the Nyquist frequency)."""
     vaes = report["vaes"]
-    curves = [(v["name"], v["probe"]["steps"], v["probe"]["loss"]) for v in vaes]
+    # From the first point after step 0: the untrained U-Net scores ~1 for every VAE and
+    # would squash the part of the curves that differs.
+    skip = 1 if all(len(v["probe"]["steps"]) > 2 for v in vaes) else 0
+    curves = [(v["name"], v["probe"]["steps"][skip:], v["probe"]["loss"][skip:]) for v in vaes]
     refs = [(k, v["probe"]["iid_gaussian_loss"]) for k, v in enumerate(vaes) if v["probe"]["iid_gaussian_loss"]]
-    left = chart("probe: held-out denoising loss", curves, (520, 320), x_label="step", hlines=refs)
+    left = chart("probe: held-out denoising loss (dashed: i.i.d. reference)", curves, (520, 320), x_label="step",
+                 hlines=refs)
     spectra = [(f"{v['name']}  HF {v['spectrum']['high_frequency_fraction']:.2f}", v["spectrum"]["frequency"],
                 v["spectrum"]["power"]) for v in vaes]
     freq = vaes[0]["spectrum"]["frequency"]

@@ -66,7 +66,7 @@ def latent_spectrum(batches: Iterable[Tensor]) -> dict[str, Any]:
         count += z.shape[0]
     if power is None or count == 0:
         raise ValueError("latent_spectrum got no latents")
-    c, h, w = power.shape
+    _, h, w = power.shape
     if h * w < 2:
         raise ValueError(f"a {h} x {w} latent grid has no frequency but DC; no spectrum to measure")
     power = power / count

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import reset_accelerate_state, tiny_overrides
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +21,6 @@ from autoencoderkl.losses import (
 )
 from autoencoderkl.model import AutoencoderWithPosterior, load_vae, original_state_dict
 from autoencoderkl.train import main
-from conftest import reset_accelerate_state, tiny_overrides
 
 
 def tiny_vae(levels: int = 3) -> AutoencoderKL:

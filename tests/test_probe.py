@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import reset_accelerate_state, write_photos
+from safetensors.torch import save_file
+from test_ldm import TINY_UNET, tiny_vae
+
 from latent_diffusion.config import load_config
 from latent_diffusion.encode import encode_latents
 from latent_diffusion.latents import load_index, map_shard
 from latent_diffusion.probe import (
     PROBE_CONFIG,
-    diffusability_report,
     format_table,
     iid_gaussian_loss,
     prepare_probe_images,
@@ -24,7 +24,6 @@ from latent_diffusion.probe import (
 )
 from latent_diffusion.spectrum import latent_spectrum
 from latent_diffusion.train import main as train_ldm
-from test_ldm import TINY_UNET, tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
 
