@@ -143,7 +143,7 @@ def cache_means(root: PathLike) -> Iterator[Tensor]:
         yield map_shard(root / shard["file"])["mean"].float()
 
 
-def latent_statistics(root: PathLike) -> dict[str, Any]:
+def cache_statistics(root: PathLike) -> dict[str, Any]:
     """Per-channel and global mean and std (population) of a cache's posterior means.
 
     Returns:
@@ -211,7 +211,7 @@ def probe_latents(
         seed: ``train.seed`` (U-Net init, batches, noise; the fixed validation noise).
         overrides: more ``key=value`` settings for the probe config.
     Returns:
-        ``latents`` (``latent_statistics`` of the training cache, plus ``num_heldout``),
+        ``latents`` (``cache_statistics`` of the training cache, plus ``num_heldout``),
         ``normalisation``, ``spectrum`` (``latent_spectrum`` of the training latents),
         ``probe``: ``steps`` and ``loss`` (the held-out curve), ``final``, ``area``,
         ``train_loss`` (the last logged training loss), ``iid_gaussian_loss`` (None for
@@ -219,7 +219,7 @@ def probe_latents(
     Raises:
         ValueError: from the config (a bad override) or the caches (another VAE).
     """
-    stats = latent_statistics(train_latents)
+    stats = cache_statistics(train_latents)
     if not stats["global_std"] > 0:
         raise ValueError(f"the latents in {train_latents} are constant (std 0): nothing to normalise or learn")
     shift, scale = stats["global_mean"], 1.0 / stats["global_std"]

@@ -164,7 +164,8 @@ def validation_cache(cfg: LDMConfig, dataset: LatentDataset) -> str:
 
     Raises:
         FileNotFoundError, ValueError: from ``load_index``; ValueError if the held-out
-            cache was made by another VAE than ``dataset``'s or has another latent shape.
+            cache was made by another VAE than ``dataset``'s, or has another latent shape
+            or other classes.
     """
     if not cfg.data.val_latents:
         return cfg.data.latents
@@ -175,6 +176,9 @@ def validation_cache(cfg: LDMConfig, dataset: LatentDataset) -> str:
             f"{tuple(held_out['latent_shape'])}) must be encoded by the VAE of data.latents {cfg.data.latents} "
             f"(sha256 {train['vae']['sha256'][:12]}) at the same resolution {dataset.latent_shape}"
         )
+    if held_out.get("classes") != train.get("classes"):
+        raise ValueError(f"data.val_latents {cfg.data.val_latents} has classes {held_out.get('classes')}, but data.latents "
+                         f"has {train.get('classes')}: a held-out cache needs the same class folders (or none on both)")
     return cfg.data.val_latents
 
 
