@@ -48,6 +48,15 @@ class ModelConfig:
     norm_num_groups: int = 32  # GroupNorm groups; must divide every block width
     # Self-attention in the mid block at the lowest resolution (as SD's VAE).
     mid_block_add_attention: bool = True
+    # The 1x1 convolutions between the encoder and the posterior (quant_conv) and between
+    # z and the decoder (post_quant_conv), as SD 1.x/2.x/XL have; SD3's and FLUX's
+    # 16-channel VAEs have neither (diffusers' use_quant_conv / use_post_quant_conv).
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    # At export, also measure the latents' mean and write it as shift_factor beside
+    # scaling_factor (SD3/FLUX convention: latents = (z - shift_factor) * scaling_factor).
+    # false: SD 1.x's latents = z * scaling_factor; config.json keeps shift_factor null.
+    measure_shift_factor: bool = False
     # Start from existing weights instead of random ones: a diffusers AutoencoderKL folder,
     # a training output dir (its vae/), or an original single-file SD VAE (.safetensors /
     # .ckpt, e.g. vae-ft-mse-840000-ema-pruned). The model shape options above are then
@@ -82,6 +91,16 @@ class LossConfig:
     # (same gradients, one LPIPS and one PatchGAN backward fewer than LDM's three passes).
     # fp16 runs use LDM's way (the shared gradients would be taken before loss scaling).
     shared_backward: bool = True
+    # Equivariance regulariser (EQ-VAE, Kouzelis et al. 2025; scale equivariance,
+    # Skorokhodov et al. 2025): with probability equivariance_prob per optimizer step, one
+    # spatial transform tau (downscale by 2 or 4/3, antialiased; rotation by 90/180/270
+    # degrees) is applied to the posterior sample z and to the images x, and
+    # equivariance_weight x the same pixel + LPIPS NLL of (tau(x), decode(tau(z))) is added
+    # (autoencoderkl.losses.equivariance_transform). 0 = off (the run is then bit-identical
+    # to one without the regulariser). Logged as eq_loss (0 on steps without a transform)
+    # and eq_applied (the share of steps with one).
+    equivariance_weight: float = 0.0
+    equivariance_prob: float = 0.5  # EQ-VAE applies its regulariser on half the steps
 
 
 @dataclass
@@ -322,7 +341,8 @@ def merge_config(
     Raises:
         FileNotFoundError: if ``yaml_path`` does not exist.
         ValueError: on an unknown key (the message lists the valid keys and a close match),
-            a value of the wrong type, a malformed override, or a value outside ``choices``.
+            a value of the wrong type, a malformed override, a value outside ``choices``, or
+            a value the YAML marks as required (``???``) that no override gives.
     """
     base = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
@@ -345,6 +365,13 @@ def merge_config(
             merged = OmegaConf.merge(merged, layer)  # type: ignore[assignment]
         except OmegaConfBaseException as exc:
             raise _config_error(exc, schema, where) from None
+    # "???" (OmegaConf's MISSING) in a YAML marks a value the user must give; merging it
+    # would silently keep the default, so it must come from a later layer.
+    missing = set(OmegaConf.missing_keys(layers[0][0])) if yaml_path is not None else set()
+    missing = sorted(k for k in missing if all(OmegaConf.select(layer, k, default="???") == "???" for layer, _ in layers[1:]))
+    if missing:
+        raise ValueError(f"config key(s) {missing} must be set: {yaml_path} leaves them '???'; give them on the "
+                         f"command line, e.g. {missing[0]}=...")
     cfg = OmegaConf.to_object(merged)
     for key, allowed in (choices or {}).items():
         section, name = key.split(".")
@@ -369,7 +396,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     Raises:
         FileNotFoundError, ValueError: as ``merge_config``; also ValueError when
             ``data.resolution`` is not a positive multiple of 8, ``data.resize`` is smaller
-            than the crop, or ``data.source=folder`` has no ``data.train_dir``.
+            than the crop, ``data.source=folder`` has no ``data.train_dir``, or the
+            equivariance weight is negative or its probability outside [0, 1].
     """
     cfg = merge_config(VAEConfig, yaml_path, overrides, CHOICES)
     d = cfg.data
@@ -380,6 +408,10 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     if d.source == "folder" and not d.train_dir:
         raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo)")
     check_loop_config(cfg, extra_positive=("data.val_grid", "data.num_val_images"))
+    if cfg.loss.equivariance_weight < 0:
+        raise ValueError(f"loss.equivariance_weight must be >= 0 (0 = off), got {cfg.loss.equivariance_weight}")
+    if not 0.0 <= cfg.loss.equivariance_prob <= 1.0:
+        raise ValueError(f"loss.equivariance_prob must lie in [0, 1], got {cfg.loss.equivariance_prob}")
     return cfg
 
 

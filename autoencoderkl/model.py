@@ -18,7 +18,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL
@@ -41,7 +41,7 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
         resolution: training image side in pixels, stored as ``sample_size``.
     Returns:
         An ``AutoencoderKL`` in train mode, float32, on the CPU. Its ``scaling_factor``
-        is 1.0 until the run measures the latents at export (``estimate_scaling_factor``).
+        is 1.0 until the run measures the latents at export (``estimate_latent_factors``).
     Raises:
         ValueError: if a block width is not divisible by ``norm_num_groups``.
     """
@@ -64,6 +64,8 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
         sample_size=resolution,
         scaling_factor=1.0,
         mid_block_add_attention=cfg.mid_block_add_attention,
+        use_quant_conv=cfg.use_quant_conv,
+        use_post_quant_conv=cfg.use_post_quant_conv,
     )
 
 
@@ -141,6 +143,9 @@ ORIGINAL_KEY_RE = re.compile(
     r"|(post_)?quant_conv)\.(conv\.)?(norm1\.|norm2\.|conv1\.|conv2\.|nin_shortcut\.)?(weight|bias)$"
 )
 LDM_NORM_NUM_GROUPS = 32  # ldm.modules.diffusionmodules.model.Normalize: GroupNorm(32)
+# (scaling_factor, shift_factor) of the VAEs without quant_conv that single files hold
+# (diffusers' vae/config.json of each): the weights cannot tell them apart.
+NO_QUANT_CONV_FACTORS = {"SD3": (1.5305, 0.0609), "FLUX.1": (0.3611, 0.1159)}
 
 
 def _read_single_file(path: Path) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
@@ -189,6 +194,10 @@ def infer_original_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
 
     What the weights cannot tell is filled with LDM's values: ``norm_num_groups`` 32 (its
     ``Normalize`` is ``GroupNorm(32)``) and diffusers' ``LDM_VAE_DEFAULT_SCALING_FACTOR``.
+    A VAE without ``quant_conv`` / ``post_quant_conv`` (the SD3 and FLUX.1 layout: 16
+    latent channels, the encoder's ``conv_out`` gives the moments) gets ``scaling_factor``
+    1.0 and no ``shift_factor`` instead: those two models share the architecture but not
+    the factors (``NO_QUANT_CONV_FACTORS``), so none is guessed.
 
     Args:
         state_dict: original-layout VAE tensors without prefix (``encoder.down.0...``).
@@ -221,7 +230,7 @@ def infer_original_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         "latent_channels": int(moments.shape[0]) // 2,
         "norm_num_groups": LDM_NORM_NUM_GROUPS,
         "sample_size": 512,  # only sets the tile size of enable_tiling()
-        "scaling_factor": LDM_VAE_DEFAULT_SCALING_FACTOR,
+        "scaling_factor": LDM_VAE_DEFAULT_SCALING_FACTOR if "quant_conv.weight" in state_dict else 1.0,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in state_dict,
         "use_quant_conv": "quant_conv.weight" in state_dict,
         "use_post_quant_conv": "post_quant_conv.weight" in state_dict,
@@ -254,12 +263,17 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Autoencod
         cfg = stored
     else:
         cfg = infer_original_config(state_dict)
+        if cfg["use_quant_conv"]:
+            factors = (f"took diffusers' default scaling_factor for LDM checkpoints, {cfg['scaling_factor']} "
+                       f"(SD 1.x/2.x; SDXL's VAE uses 0.13025)")
+        else:
+            factors = ("found no quant_conv (the SD3 / FLUX.1 layout) and set scaling_factor 1.0 and no shift_factor: "
+                       + ", ".join(f"{name} uses {s} and shift {m}" for name, (s, m) in NO_QUANT_CONV_FACTORS.items()))
         warnings.warn(
             f"{path} stores no diffusers config: inferred the architecture from its weights "
             f"({cfg['block_out_channels']}, {cfg['layers_per_block']} layers per block, "
-            f"{cfg['latent_channels']} latent channels, GroupNorm(32)) and took diffusers' default "
-            f"scaling_factor for LDM checkpoints, {cfg['scaling_factor']} (SD 1.x/2.x; SDXL's VAE "
-            f"uses 0.13025). Pass config=... (--vae-config) or measure it with eval_vae.py --latent-stats.",
+            f"{cfg['latent_channels']} latent channels, GroupNorm(32)) and {factors}. Pass config=... "
+            f"(--vae-config) or measure them with eval_vae.py --latent-stats.",
             UserWarning,
             stacklevel=3,
         )
@@ -414,37 +428,53 @@ class AutoencoderWithPosterior(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: Tensor, sample_posterior: bool = True) -> tuple[Tensor, Tensor]:
-        """Encode, draw z from the posterior, decode.
+    def forward(
+        self, images: Tensor, sample_posterior: bool = True, latent_transform: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, ...]:
+        """Encode, draw z from the posterior, decode (and decode a transformed z).
 
         Args:
             images: (B, 3, H, W) float in [-1, 1]; H and W divisible by f.
             sample_posterior: z ~ N(mean, std^2) (training) or z = mean.
+            latent_transform: tau of the equivariance regulariser
+                (``autoencoderkl.losses.SpatialTransform``), or None. Given, the same z
+                is also decoded as decode(tau(z)) inside this forward, so under DDP its
+                gradients are all-reduced with the rest (a decode through the unwrapped
+                model after the forward would escape the synchronisation).
         Returns:
             reconstructions: (B, 3, H, W), unclamped, in the autocast dtype.
             moments: (B, 2c, H/f, W/f) posterior mean and logvar concatenated on the
                 channel axis; ``DiagonalGaussianDistribution(moments)`` rebuilds it.
+            transformed reconstructions: only with ``latent_transform``: decode(tau(z)),
+                (B, 3, H', W') with tau's output grid times f.
         """
         encoder_frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mode()
         reconstructions = self.vae.decode(z).sample
-        return reconstructions, posterior.parameters
+        if latent_transform is None:
+            return reconstructions, posterior.parameters
+        return reconstructions, posterior.parameters, self.vae.decode(latent_transform(z)).sample
 
 
 @torch.no_grad()
-def estimate_scaling_factor(vae: AutoencoderKL, images: Tensor, batch_size: int = 16) -> float:
-    """1 / std of posterior samples z over some images (Rombach et al. 2022, sec. 4.3.2).
+def estimate_latent_factors(vae: AutoencoderKL, images: Tensor, batch_size: int = 16) -> tuple[float, float]:
+    """``scaling_factor`` = 1 / std and ``shift_factor`` = mean of posterior samples z.
+
+    Rombach et al. 2022, sec. 4.3.2 (the scale; SD 1.x's 0.18215); SD3 and FLUX also
+    centre the latents, ``latents = (z - shift_factor) * scaling_factor`` (Esser et al.
+    2024), with the same std (it is taken about the mean either way).
 
     Args:
         images: (N, 3, H, W) float in [-1, 1], on the VAE's device.
     Returns:
-        The ``scaling_factor`` that gives the latents unit variance. A small image set
-        gives a rough value; the latent cache recomputes it over the whole dataset.
+        ``(scaling_factor, shift_factor)``: give the latents unit variance (and zero mean).
+        A small image set gives rough values; the latent cache re-measures both over the
+        whole dataset.
     """
     z = torch.cat([vae.encode(images[i : i + batch_size]).latent_dist.sample() for i in range(0, len(images), batch_size)])
-    return float(1.0 / z.float().std())
+    return float(1.0 / z.float().std()), float(z.float().mean())
 
 
 def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, card: dict[str, Any] | None = None) -> Path:

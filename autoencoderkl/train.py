@@ -7,7 +7,9 @@ fails before any model is built or any download is tried; the output dir is crea
 
 One encoder/decoder forward per optimizer step feeds both the autoencoder update and the
 discriminator update (on the detached reconstruction), as in LDM's
-``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022).
+``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022). With ``loss.equivariance_weight``
+> 0, some steps also decode a transformed latent tau(z) in that forward (EQ-VAE, Kouzelis
+et al. 2025; see ``autoencoderkl.losses``).
 
 Launch with ``accelerate launch scripts/train_vae.py --config ...`` (any number of
 processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
@@ -37,12 +39,12 @@ from .atomic import atomic_path
 from .config import VAEConfig
 from .data import ImageFolder, broadcast_paths, demo_image_paths, list_images
 from .discriminator import NLayerDiscriminator
-from .losses import AutoencoderLoss, build_perceptual
+from .losses import AutoencoderLoss, build_perceptual, draw_equivariance_transform
 from .metrics import psnr_ssim_8bit
 from .model import (
     AutoencoderWithPosterior,
     build_vae,
-    estimate_scaling_factor,
+    estimate_latent_factors,
     export_vae,
     freeze_encoder,
     load_vae,
@@ -238,6 +240,7 @@ def main(
     vae_unwrapped: AutoencoderKL = accelerator.unwrap_model(vae_forward).vae
     disc_unwrapped = accelerator.unwrap_model(discriminator)
     last_layer = vae_unwrapped.decoder.conv_out.weight  # where the adaptive weight balances nll and GAN
+    f = 2 ** (len(vae_unwrapped.config.block_out_channels) - 1)  # spatial factor: h = H // f
     if ema is not None:
         ema.to(accelerator.device)
 
@@ -299,15 +302,19 @@ def main(
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(vae_forward, discriminator):
                 images = next(batches).to(accelerator.device, memory_format=memory_format, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-                reconstructions, moments = vae_forward(images)  # (B, 3, H, W), (B, 2c, h, w)
+                # Equivariance regulariser: this step's tau, a function of (seed, step); None when off.
+                tau = draw_equivariance_transform(cfg.loss.equivariance_weight, cfg.loss.equivariance_prob,
+                                                  cfg.train.seed, global_step, (images.shape[-2] // f, images.shape[-1] // f))
+                # (B, 3, H, W), (B, 2c, h, w) [, decode(tau(z)) (B, 3, H', W')]
+                reconstructions, moments, *transformed = vae_forward(images, latent_transform=tau)
                 posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
+                equivariance = (tau(images), transformed[0]) if tau is not None else None
 
                 # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
                 # reconstruction without collecting gradients of its own.
                 with accelerator.autocast():
-                    loss_g, logs = loss_fn.generator_loss(
-                        images, reconstructions, posterior, global_step, last_layer, disc_unwrapped, shared_backward
-                    )
+                    loss_g, logs = loss_fn.generator_loss(images, reconstructions, posterior, global_step, last_layer,
+                                                          disc_unwrapped, shared_backward, equivariance)
                 accelerator.backward(loss_g)
                 if accelerator.sync_gradients and cfg.loss.learn_logvar and accelerator.num_processes > 1:
                     loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
@@ -362,12 +369,16 @@ def main(
         final = final_weights(vae_unwrapped, ema)
         keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
         if not keep_latent_space:
-            # Measured, never a hard-coded 0.18215; the latent cache re-measures it over
+            # Measured, never a hard-coded 0.18215; the latent cache re-measures them over
             # the whole dataset.
-            final.register_to_config(scaling_factor=estimate_scaling_factor(final.eval(), val_images))
+            scaling_factor, shift_factor = estimate_latent_factors(final.eval(), val_images)
+            final.register_to_config(scaling_factor=scaling_factor)
+            if cfg.model.measure_shift_factor:
+                final.register_to_config(shift_factor=shift_factor)
         export_vae(final, vae_dir, card=dict(steps=global_step, data=cfg.data.train_dir or cfg.data.source, val=last_val,
                                              config=OmegaConf.to_container(OmegaConf.structured(cfg))))
-        logger.info("exported %s (scaling_factor %.4f)", vae_dir, final.config.scaling_factor)
+        logger.info("exported %s (scaling_factor %.4f, shift_factor %s)", vae_dir, final.config.scaling_factor,
+                    final.config.shift_factor)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),

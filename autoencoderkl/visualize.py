@@ -201,41 +201,86 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
 
 
+# matplotlib's "tab10" colours: one per series of a chart.
+PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
 def line_chart(title: str, steps: Sequence[int], values: Sequence[float], size: tuple[int, int] = (360, 220)) -> Image.Image:
     """One panel: a titled line chart with y ticks and the first/last step on x.
 
     A series whose values are all positive and span more than 100x is drawn on a log10
     axis (the title says "log").
     """
+    return chart(f"{title}   last {_fmt(float(values[-1]))}", [("", steps, values)], size, x_label="step")
+
+
+def chart(
+    title: str,
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    size: tuple[int, int] = (360, 220),
+    x_label: str = "",
+    log_y: bool | None = None,
+    vline: float | None = None,
+    hlines: Sequence[tuple[int, float]] = (),
+) -> Image.Image:
+    """A titled chart of one or more lines, each in its ``PALETTE`` colour, with a legend.
+
+    Args:
+        title: drawn above the plot.
+        series: ``(label, xs, ys)`` each; labels (when not empty) form the legend, in the
+            colours of ``PALETTE`` in order.
+        x_label: drawn after the last x value (e.g. "step").
+        log_y: a log10 y axis; None: when every value is positive and they span > 100x.
+        vline: x of a dotted vertical marker line, or None.
+        hlines: ``(series index, y)`` dashed horizontal lines in that series' colour.
+    Returns:
+        An RGB image of ``size``.
+    """
     w, h = size
     left, right, top, bottom = 58, 10, 20, 24
     img = Image.new("RGB", size, "white")
     d, font = ImageDraw.Draw(img), _font(11)
-    v = np.asarray(values, dtype=np.float64)
-    log = bool(len(v) and v.min() > 0 and v.max() / v.min() > 100)
-    y = np.log10(v) if log else v
-    lo, hi = float(y.min()), float(y.max())
+    every = np.concatenate([np.asarray(ys, dtype=np.float64) for _, _, ys in series] +
+                           [np.asarray([y for _, y in hlines], dtype=np.float64)])
+    log = bool(len(every) and every.min() > 0 and every.max() / every.min() > 100) if log_y is None else log_y
+    tr = np.log10 if log else (lambda v: v)
+    lo, hi = float(tr(every).min()), float(tr(every).max())
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5 * max(abs(lo), 1e-3), hi + 0.5 * max(abs(hi), 1e-3)
-    s0, s1 = min(steps), max(steps)
-    sx = lambda s: left + (s - s0) / max(s1 - s0, 1) * (w - left - right)  # noqa: E731
+    xs_all = [float(x) for _, xs, _ in series for x in xs]
+    x0, x1 = min(xs_all), max(xs_all)
+    sx = lambda x: left + (x - x0) / max(x1 - x0, 1e-12) * (w - left - right)  # noqa: E731
     sy = lambda val: top + (hi - val) / (hi - lo) * (h - top - bottom)  # noqa: E731
-    d.text((left, 3), f"{title}{'  (log)' if log else ''}   last {_fmt(float(v[-1]))}", fill="black", font=font)
+    d.text((left, 3), f"{title}{'  (log)' if log else ''}", fill="black", font=font)
     d.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
     for t in _ticks(lo, hi):
         yy = sy(t)
         d.line([left - 3, yy, left, yy], fill="black")
         d.line([left + 1, yy, w - right - 1, yy], fill=(235, 235, 235))
         d.text((2, yy - 6), _fmt(10**t if log else t), fill="black", font=font)
-    d.text((left, h - bottom + 4), str(s0), fill="black", font=font)
-    label = f"step {s1}"
+    d.text((left, h - bottom + 4), _fmt(x0) if x0 != int(x0) else str(int(x0)), fill="black", font=font)
+    label = f"{x_label} {_fmt(x1) if x1 != int(x1) else int(x1)}".strip()
     d.text((w - right - d.textlength(label, font=font), h - bottom + 4), label, fill="black", font=font)
-    points = [(sx(s), sy(val)) for s, val in zip(steps, y)]
-    if len(points) > 1:
-        d.line(points, fill=(31, 119, 180), width=2)
-    if len(points) <= 40:
-        for px, py in points:
-            d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=(31, 119, 180))
+    if vline is not None and x0 <= vline <= x1:
+        for y in range(top, h - bottom, 4):
+            d.point((sx(vline), y), fill=(90, 90, 90))
+    for index, value in hlines:
+        yy, colour = sy(float(tr(value))), PALETTE[index % len(PALETTE)]
+        for x in range(left, w - right - 4, 8):
+            d.line([x, yy, x + 4, yy], fill=colour)
+    for k, (name, xs, ys) in enumerate(series):
+        colour = PALETTE[k % len(PALETTE)]
+        points = [(sx(float(x)), sy(float(v))) for x, v in zip(xs, tr(np.asarray(ys, dtype=np.float64)))]
+        if len(points) > 1:
+            d.line(points, fill=colour, width=2)
+        if len(points) <= 40:
+            for px, py in points:
+                d.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        if name:  # legend, top right, one line per series
+            tw = d.textlength(name, font=font)
+            d.line([w - right - tw - 22, top + 9 + 13 * k, w - right - tw - 8, top + 9 + 13 * k], fill=colour, width=2)
+            d.text((w - right - tw - 4, top + 3 + 13 * k), name, fill=colour, font=font)
     return img
 
 

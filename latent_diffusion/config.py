@@ -81,6 +81,13 @@ class DataConfig:
     """The latent cache (``scripts/encode_latents.py``) and the VAE that decodes it."""
 
     latents: Optional[str] = None  # the cache folder (--latents)
+    # A held-out latent cache (same VAE, same latent shape) for the fixed-noise validation
+    # loss, normalised like the training latents. null: that loss uses latents of the
+    # training cache (a measure of fit, not of generalisation).
+    val_latents: Optional[str] = None
+    # Latents (posterior means, evenly spaced over the cache) in the fixed-noise validation
+    # loss, each noised at VAL_TIMESTEPS evenly spaced t; fewer if the cache has fewer.
+    num_val_latents: int = 32
     # The diffusers AutoencoderKL the cache was encoded with (--vae); null = the path the
     # cache's index.json records. Used to decode sample grids; a cache made by a different
     # VAE (weights hash) is refused.
@@ -128,7 +135,8 @@ class TrainConfig(LoopConfig):
     ema_warmup: bool = True
     ema_power: float = 0.75  # see ema_warmup
     # Every train.validation_steps: a fixed-noise validation loss and a grid of
-    # samples (EMA weights), num_validation_samples images from fixed seeds 0..N-1.
+    # samples (EMA weights), num_validation_samples images from fixed seeds 0..N-1
+    # (0: no grid, only the loss).
     num_validation_samples: int = 16
     validation_inference_steps: int = 50  # sampler steps for the grids
     validation_guidance_scale: float = 1.0  # classifier-free guidance for the grids
@@ -189,8 +197,10 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
             f"model.block_out_channels {m.block_out_channels} must be divisible by model.norm_num_groups="
             f"{m.norm_num_groups} and model.attention_head_dim={m.attention_head_dim}; {bad} are not"
         )
-    check_loop_config(cfg, extra_positive=("train.num_validation_samples", "train.validation_inference_steps",
+    check_loop_config(cfg, extra_positive=("train.validation_inference_steps", "data.num_val_latents",
                                             "model.layers_per_block", "noise.num_train_timesteps"))
+    if cfg.train.num_validation_samples < 0:
+        raise ValueError(f"train.num_validation_samples must be >= 0 (0: no sample grid), got {cfg.train.num_validation_samples}")
     for key, value in (("model.label_dropout", m.label_dropout), ("model.dropout", m.dropout),
                        ("train.ema_decay", cfg.train.ema_decay)):
         if not 0.0 <= value < 1.0:

@@ -61,8 +61,7 @@ from .sample import image_generators
 
 logger = logging.getLogger(__name__)
 
-VAL_LATENTS = 32  # cached latents (posterior means, evenly spaced) in the fixed-noise validation loss
-VAL_TIMESTEPS = 10  # ... each noised at these many evenly spaced t
+VAL_TIMESTEPS = 10  # the fixed-noise validation loss noises each latent at these many evenly spaced t
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: Tensor, gamma: float) -> Tensor:
@@ -162,25 +161,58 @@ def resolve_vae_path(cfg: LDMConfig, index: dict[str, Any]) -> str:
     )
 
 
+def validation_cache(cfg: LDMConfig, dataset: LatentDataset) -> str:
+    """The cache the fixed-noise validation loss reads: ``data.val_latents``, else the training cache.
+
+    Raises:
+        FileNotFoundError, ValueError: from ``load_index``; ValueError if the held-out
+            cache was made by another VAE than ``dataset``'s, or has another latent shape
+            or other classes.
+    """
+    if not cfg.data.val_latents:
+        return cfg.data.latents
+    held_out, train = load_index(cfg.data.val_latents), load_index(cfg.data.latents)
+    if held_out["vae"]["sha256"] != train["vae"]["sha256"] or tuple(held_out["latent_shape"]) != dataset.latent_shape:
+        raise ValueError(
+            f"data.val_latents {cfg.data.val_latents} (VAE sha256 {held_out['vae']['sha256'][:12]}, latents "
+            f"{tuple(held_out['latent_shape'])}) must be encoded by the VAE of data.latents {cfg.data.latents} "
+            f"(sha256 {train['vae']['sha256'][:12]}) at the same resolution {dataset.latent_shape}"
+        )
+    if held_out.get("classes") != train.get("classes"):
+        raise ValueError(f"data.val_latents {cfg.data.val_latents} has classes {held_out.get('classes')}, but data.latents "
+                         f"has {train.get('classes')}: a held-out cache needs the same class folders (or none on both)")
+    return cfg.data.val_latents
+
+
+def validation_timesteps(num_train_timesteps: int) -> Tensor:
+    """The fixed-noise validation loss's timesteps: (VAL_TIMESTEPS,) int64, t = (k + 0.5) T / VAL_TIMESTEPS."""
+    return ((torch.arange(VAL_TIMESTEPS) + 0.5) * num_train_timesteps / VAL_TIMESTEPS).long()
+
+
 def fixed_validation_batch(
-    root: str, scaling_factor: float, shift_factor: float, num_train_timesteps: int, seed: int, labelled: bool
+    root: str, scaling_factor: float, shift_factor: float, num_train_timesteps: int, seed: int, labelled: bool,
+    num_latents: int = 32,
 ) -> dict[str, Tensor]:
-    """The fixed-noise validation set: VAL_LATENTS posterior means x VAL_TIMESTEPS timesteps.
+    """The fixed-noise validation set: ``num_latents`` posterior means x VAL_TIMESTEPS timesteps.
 
     Uses no global RNG (its own generator), so validating never changes training.
 
+    Args:
+        root: the latent cache to take them from (the training cache, or a held-out one).
+        scaling_factor, shift_factor: as the training latents are normalised.
+        num_latents: latents taken, evenly spaced over the cache (all, if it has fewer).
     Returns:
         ``latents`` (N, c, h, w) float32, ``noise`` like it, ``timesteps`` (N,) int64
         (t = (k + 0.5) T / VAL_TIMESTEPS, k = 0..VAL_TIMESTEPS-1), and with ``labelled``
-        the true ``labels`` (N,) int64; N = min(VAL_LATENTS, len) * VAL_TIMESTEPS.
+        the true ``labels`` (N,) int64; N = min(num_latents, len) * VAL_TIMESTEPS.
     """
     means = LatentDataset(root, sample_posterior=False, scaling_factor=scaling_factor, shift_factor=shift_factor)
     n = len(means)
-    picks = sorted({round(i * (n - 1) / max(VAL_LATENTS - 1, 1)) for i in range(min(VAL_LATENTS, n))})
+    picks = sorted({round(i * (n - 1) / max(num_latents - 1, 1)) for i in range(min(num_latents, n))})
     items = [means[i] for i in picks]
     k = VAL_TIMESTEPS
     latents = torch.stack([item["latents"] for item in items]).repeat_interleave(k, 0)
-    t = ((torch.arange(k) + 0.5) * num_train_timesteps / k).long().repeat(len(items))
+    t = validation_timesteps(num_train_timesteps).repeat(len(items))
     batch = {"latents": latents, "timesteps": t,
              "noise": torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))}
     if labelled:
@@ -303,8 +335,9 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     pipeline = LatentDiffusionPipeline(unet_unwrapped, sampler_scheduler, vae,
                                        class_names=dataset.class_names if num_classes else None)
     pipeline.set_progress_bar_config(disable=True)
-    val_batch = fixed_validation_batch(cfg.data.latents, scaling_factor, shift_factor,
-                                       cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None)
+    val_batch = fixed_validation_batch(validation_cache(cfg, dataset), scaling_factor, shift_factor,
+                                       cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None,
+                                       cfg.data.num_val_latents)
 
     # ---- resume -------------------------------------------------------------------
     guard = NonFiniteGuard.for_run(cfg.train)  # disabled under fp16 (the GradScaler skips)
@@ -333,10 +366,11 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         with ema_weights(ema, unet_unwrapped):
             val_loss = validation_loss(unet_unwrapped, noise_scheduler, val_batch, cfg.data.batch_size,
                                        accelerator.autocast)
-            grid = out / "samples" / f"step-{step:07d}.png"
-            sample_grid(pipeline, cfg.train.num_validation_samples, cfg.train.validation_inference_steps,
-                        cfg.train.validation_guidance_scale, grid)
-        log_image(accelerator, "val/samples", grid, step)
+            if cfg.train.num_validation_samples:
+                grid = out / "samples" / f"step-{step:07d}.png"
+                sample_grid(pipeline, cfg.train.num_validation_samples, cfg.train.validation_inference_steps,
+                            cfg.train.validation_guidance_scale, grid)
+                log_image(accelerator, "val/samples", grid, step)
         metrics_log.write(step, {"val/loss": val_loss})
         accelerator.log({"val/loss": val_loss}, step=step)
         tqdm.write(f"step {step}: validation loss {val_loss:.4f}")

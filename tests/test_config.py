@@ -72,10 +72,18 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("name", ["demo", "kl-f8"])
+@pytest.mark.parametrize("name", ["demo", "kl-f8", "kl-f8-c16", "eq-finetune"])
 def test_shipped_configs_load(name):
-    overrides = ["data.train_dir=/data"] if name == "kl-f8" else []
+    overrides = ["data.train_dir=/data"] if name != "demo" else []
+    if name == "eq-finetune":  # model.pretrained is '???': required
+        with pytest.raises(ValueError, match=r"\['model.pretrained'\] must be set"):
+            load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", overrides)
+        overrides.append("model.pretrained=sd-vae.safetensors")
     cfg = load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", overrides)
+    if name == "eq-finetune":
+        assert cfg.loss.equivariance_weight > 0 and cfg.optim.lr == pytest.approx(4.5e-6 * cfg.data.batch_size)
+    if name == "kl-f8-c16":  # SD3 / FLUX.1's latent shape
+        assert (cfg.model.latent_channels, cfg.model.use_quant_conv, cfg.model.measure_shift_factor) == (16, False, True)
     if name == "kl-f8":  # SD 1.x's autoencoder and LDM's loss, exactly
         assert cfg.model.block_out_channels == [128, 256, 512, 512]
         assert (cfg.model.layers_per_block, cfg.model.latent_channels, cfg.model.norm_num_groups) == (2, 4, 32)

@@ -60,8 +60,13 @@ def test_run_writes_checkpoints_metrics_grids_config_and_a_loadable_vae(photo_di
 
 
 def test_resume_latest_continues_bit_exactly(photo_dir, tmp_path):
-    """4 steps straight == 2 steps, stop, --resume latest, 2 more (weights, EMA, D, logvar)."""
-    extra = {"train.use_ema": "true", "train.ema_decay": 0.9, "loss.learn_logvar": "true"}
+    """4 steps straight == 2 steps, stop, --resume latest, 2 more (weights, EMA, D, logvar).
+
+    With the equivariance regulariser on at p = 0.5: seed 0 draws rot90, none, rot180,
+    rot90 for steps 0-3, so the resumed half replays a draw after a step without one.
+    """
+    extra = {"train.use_ema": "true", "train.ema_decay": 0.9, "loss.learn_logvar": "true",
+             "loss.equivariance_weight": 1.0, "loss.equivariance_prob": 0.5}
     straight = tmp_path / "straight"
     run(photo_dir, straight, **extra)
 
@@ -81,6 +86,7 @@ def test_resume_latest_continues_bit_exactly(photo_dir, tmp_path):
     assert sa["logvar"] == sb["logvar"] != 0.0  # learn_logvar: it trained, and it was restored
     # Each step is logged once, even though the first run of `resumed` logged steps 1-2.
     assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["eq_applied"] for r in read_metrics(resumed) if "loss" in r] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(photo_dir, tmp_path):
@@ -118,7 +124,9 @@ DDP_DRIVER = textwrap.dedent(
     from pathlib import Path
 
     out, photos = Path(sys.argv[1]), Path(sys.argv[2])
-    summary = main(load_config(None, tiny_overrides(photos)), out)
+    # The equivariance regulariser on at p = 0.5: steps with and without decode(tau(z)).
+    eq = {"loss.equivariance_weight": 1.0, "loss.equivariance_prob": 0.5}
+    summary = main(load_config(None, tiny_overrides(photos, **eq)), out)
     import os
     rank = int(os.environ["RANK"])  # end_training() has already closed the process group
     state = {f"vae.{k}": v for k, v in summary["vae"].state_dict().items()}
@@ -135,6 +143,8 @@ def test_two_process_run_ends_with_identical_weights_on_both_ranks(photo_dir, tm
     """torchrun + gloo: gradients (VAE and discriminator) are all-reduced through DDP.
 
     The ranks draw disjoint crops, so without the all-reduce their weights would differ.
+    The equivariance regulariser is on: its second decode runs inside the DDP forward
+    (``AutoencoderWithPosterior``), so its gradients are all-reduced too.
     """
     driver = tmp_path / "driver.py"
     driver.write_text(DDP_DRIVER)
@@ -154,6 +164,7 @@ def test_two_process_run_ends_with_identical_weights_on_both_ranks(photo_dir, tm
     initial = AutoencoderKL.from_config(AutoencoderKL.load_config(out / "vae"))  # any untrained weights
     assert not torch.equal(r0["vae.decoder.conv_out.weight"], initial.decoder.conv_out.weight)
     assert (out / "vae" / "config.json").is_file()
+    assert [r["eq_applied"] for r in read_metrics(out) if "loss" in r] == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_channels_last_and_gradient_checkpointing_train_the_same_model(photo_dir, tmp_path):

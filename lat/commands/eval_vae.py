@@ -5,14 +5,17 @@
   lat eval-vae --vae stabilityai/sd-vae-ft-mse --data /data/heldout          (a Hub id, when online)
   lat eval-vae --vae runs/my-vae --data /data/train --latent-stats \\
       --write-config runs/my-vae/config.measured.json
+  lat eval-vae --vae runs/vae-a --vae runs/vae-b --data /data/heldout --diffusability
 
-(From a checkout, scripts/eval_vae.py takes the same arguments.)
-
---vae takes a diffusers folder, a training output dir (its vae/), an original
-single-file Stable Diffusion VAE (.safetensors / .ckpt), or a Hugging Face Hub id. The evaluation writes the report
+(From a checkout, scripts/eval_vae.py takes the same arguments.) --vae takes a diffusers
+folder, a training output dir (its vae/), an original single-file Stable Diffusion VAE
+(.safetensors / .ckpt), or a Hugging Face Hub id. The evaluation writes the report
 (--out, JSON), <stem>_per_image.csv and <stem>_worst8.png (input | reconstruction |
 difference x4) beside it. --latent-stats instead measures the mean and std of posterior
 samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
+--diffusability (several --vae allowed; --data may be "demo") also trains a fixed small
+stage-2 U-Net on each VAE's normalised latents and measures its held-out loss and the
+latents' spectra: report.json, report.png and a table (docs/diffusability.md).
 """
 
 import argparse
@@ -23,8 +26,9 @@ import sys
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True,
-                        help="diffusers folder, training output dir, .safetensors/.ckpt file, or Hub id (owner/name)")
+    parser.add_argument("--vae", required=True, action="append",
+                        help="diffusers folder, training output dir, .safetensors/.ckpt file, or Hub id (owner/name); "
+                             "repeat with --diffusability")
     parser.add_argument("--vae-config", help="config.json (or its folder) for a single-file --vae whose architecture "
                                              "or scaling_factor differs from SD 1.x's (e.g. SDXL's vae/config.json)")
     parser.add_argument("--data", required=True, help="image folder, searched recursively")
@@ -51,11 +55,22 @@ def parse_args(argv=None):
     st = parser.add_argument_group("latent statistics")
     st.add_argument("--latent-stats", action="store_true",
                     help="measure posterior-sample statistics and scaling_factor instead of reconstructions")
-    st.add_argument("--seed", type=int, default=0, help="seed of the posterior noise (default 0)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the posterior noise, or of the probe (default 0)")
     st.add_argument("--write-config", metavar="PATH",
                     help="write a copy of the VAE's config.json with the measured scaling_factor to PATH (a new file)")
     st.add_argument("--shift-factor", action="store_true", help="with --write-config: also write shift_factor = mean")
+    dg = parser.add_argument_group("diffusability (latent_diffusion.probe)")
+    dg.add_argument("--diffusability", action="store_true",
+                    help="also probe how easily a diffusion model learns each VAE's latents")
+    dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default configs/latent_diffusion/probe.yaml)")
+    dg.add_argument("--probe-steps", type=int, help="probe training steps (default: the probe config's)")
+    dg.add_argument("--heldout-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
+    dg.add_argument("--probe-work-dir", help="keep the crops, latent caches and probe runs here (default: removed)")
     args = parser.parse_args(argv)
+    if len(args.vae) > 1 and not args.diffusability:
+        parser.error("several --vae need --diffusability")
+    if args.diffusability and args.latent_stats:
+        parser.error("--diffusability and --latent-stats are separate runs")
     if (args.write_config or args.shift_factor) and not args.latent_stats:
         parser.error("--write-config and --shift-factor need --latent-stats")
     if args.tile_size is not None and not args.tiling:
@@ -71,6 +86,18 @@ def main(argv=None):
     common = dict(resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
                   num_workers=args.num_workers, device=args.device, progress=not args.quiet)
     try:
+        if args.diffusability:
+            from latent_diffusion.probe import PROBE_CONFIG, diffusability_report, format_table
+
+            report = diffusability_report(
+                args.vae, args.data, out=args.out or "report.json", probe_config=args.probe_config or PROBE_CONFIG,
+                probe_steps=args.probe_steps, seed=args.seed, heldout_fraction=args.heldout_fraction,
+                vae_config=args.vae_config, work_dir=args.probe_work_dir, lpips=args.lpips, fid=args.fid,
+                inception_weights=args.inception_weights, **common)
+            print(format_table(report))
+            print(f"wrote {report['files']['report']}, {report['files']['png']}")
+            return
+        args.vae = args.vae[0]
         if args.latent_stats:
             vae = load_vae(args.vae, config=args.vae_config)
             stats = latent_statistics(vae, args.data, seed=args.seed, **common)

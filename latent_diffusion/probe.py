@@ -1,0 +1,458 @@
+"""Diffusability: how easily a diffusion model learns an autoencoder's latents.
+
+Reconstruction (PSNR, SSIM, LPIPS, rFID) says what a VAE keeps of an image; it does not
+say whether a diffusion model can learn the distribution of its latents. Since 2024 that
+second half has been the field's main lever (EQ-VAE, Kouzelis et al. 2025; Skorokhodov
+et al. 2025, "Improving the Diffusability of Autoencoders"; VA-VAE; REPA-E). This module
+measures it for any set of ``AutoencoderKL`` on the same images, with the same small
+stage-2 model, seed and budget:
+
+1. ``prepare_probe_images``: the crops every VAE is judged on (a folder, or ``"demo"``:
+   the tiles of the photos scikit-image ships), written once as 8-bit PNGs, split into a
+   training part and a fixed, evenly spaced held-out part.
+2. For each VAE (``probe_vae``): both parts are encoded into latent caches by
+   ``latent_diffusion.encode.encode_latents`` (posterior means are what is used); the
+   latents are normalised with that VAE's own measured GLOBAL mean and std over its
+   training latents (``data.shift_factor`` / ``data.scaling_factor``: every VAE is judged
+   at unit variance, as ``scaling_factor`` does for SD; channels keep their relative
+   scales); then ``probe_latents`` trains the probe U-Net with the stage-2 loop itself
+   (``latent_diffusion.train.main`` with ``configs/latent_diffusion/probe.yaml``,
+   ``data.sample_posterior=false``, ``data.val_latents`` = the held-out cache, no sample
+   grids) and reads its held-out curve from ``metrics.jsonl``: ``val/loss``, the
+   epsilon MSE on held-out latents at ``VAL_TIMESTEPS`` evenly spaced t with fixed
+   noise, every ``train.validation_steps``. Reported: the curve, its final value, and
+   its area (the trapezoidal integral over steps divided by the steps: the mean held-out
+   loss over the run, which also rewards learning early). Beside it, the loss an ideal
+   denoiser reaches on i.i.d. Gaussian latents with the same per-channel variances
+   (``iid_gaussian_loss``): a probe loss near it means the U-Net found no structure.
+3. The latents' radial power spectrum and their energy share above half the Nyquist
+   frequency (``latent_diffusion.spectrum``), and per-channel mean and std.
+4. ``diffusability_report``: also the reconstruction metrics of every VAE on the same
+   crops (``autoencoderkl.evaluate.evaluate_vae``); ``report.json`` with all of it, one
+   PNG with the probe curves and the spectra overlaid, and a table (``format_table``).
+
+A lower probe loss means the latents are easier to denoise from what the U-Net learnt in
+its budget. It is a relative score: only VAEs probed together (same images, resolution,
+config, steps, seed) compare. It does not predict sample quality on its own: a VAE that
+throws the image away (a constant latent) is perfectly learnable, so read it beside
+reconstruction (see ``docs/diffusability.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from autoencoderkl.atomic import write_atomic
+from autoencoderkl.data import UnreadableImageWarning
+from autoencoderkl.evaluate import _png_bytes, evaluate_vae, write_json
+from autoencoderkl.model import load_vae, vae_weights_sha256
+from autoencoderkl.train import evenly_spaced
+from autoencoderkl.visualize import chart, hstack, read_metrics, to_pil
+
+from .config import load_config
+from .encode import PathLike, list_sources, load_source
+from .latents import load_index, map_shard
+from .model import build_noise_scheduler
+from .spectrum import HALF_NYQUIST, latent_spectrum
+from .train import main as train_ldm
+from .train import validation_timesteps
+
+logger = logging.getLogger(__name__)
+
+# The checkout's probe config (configs/ sits beside the package folders).
+PROBE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent_diffusion" / "probe.yaml"
+REPORT_FORMAT_VERSION = 1
+TRAIN, HELDOUT = "train", "heldout"  # the two folders of probe images
+
+
+# ---- 1. the images ----------------------------------------------------------------------
+
+
+def prepare_probe_images(
+    data: PathLike, resolution: int, out: PathLike, heldout_fraction: float = 0.2, max_images: int | None = None
+) -> dict[str, Any]:
+    """Write the crops every VAE is judged on: ``out/train/NNNNN.png``, ``out/heldout/NNNNN.png``.
+
+    The sources are ``latent_diffusion.encode.list_sources(data, resolution)``: every image
+    of a folder (recursively, sorted; centre crop of the shorter side resized to
+    ``resolution``), or with ``data="demo"`` the tiles of the demo photos. They are decoded
+    once here (``load_source``: exact 8-bit pixels, so the PNGs are lossless) so every VAE
+    sees identical pixels. ``round(heldout_fraction * N)`` of them (at least 1), evenly
+    spaced in source order, form the held-out part; NNNNN is the source position.
+
+    Args:
+        data: an image folder, or ``"demo"``.
+        resolution: crop side in pixels.
+        out: a new or empty folder.
+        heldout_fraction: the held-out share, in (0, 1).
+        max_images: use at most this many sources, evenly spaced.
+    Returns:
+        ``num_train``, ``num_heldout``, ``skipped`` ([[source, reason]]: unreadable files,
+        left out with a warning), ``sources`` (the names used, in order).
+    Raises:
+        FileNotFoundError: if ``data`` is not a folder (nor ``"demo"``).
+        ValueError: on a bad fraction or count, or fewer than 2 readable images.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"the held-out fraction must lie in (0, 1), got {heldout_fraction}")
+    if max_images is not None and max_images < 2:
+        raise ValueError(f"max_images must be >= 2 (a training and a held-out part), got {max_images}")
+    sources, _, _ = list_sources(data, resolution)
+    if max_images is not None:
+        sources = evenly_spaced(sources, max_images)
+    held = set(evenly_spaced(list(range(len(sources))), max(1, round(heldout_fraction * len(sources)))))
+    out = Path(out)
+    counts, skipped = {TRAIN: 0, HELDOUT: 0}, []
+    for i, source in enumerate(sources):
+        try:
+            image = load_source(source, resolution)  # (3, R, R) in [-1, 1], 8-bit levels
+        except OSError as exc:
+            warnings.warn(f"skipping {source.name()}: {exc}", UnreadableImageWarning, stacklevel=2)
+            skipped.append([source.name(), str(exc)])
+            continue
+        part = HELDOUT if i in held else TRAIN
+        (out / part).mkdir(parents=True, exist_ok=True)
+        to_pil(image[None])[0].save(out / part / f"{i:05d}.png")
+        counts[part] += 1
+    if min(counts.values()) < 1:
+        raise ValueError(f"{data}: {counts[TRAIN]} training and {counts[HELDOUT]} held-out images could be read at "
+                         f"{resolution} px ({len(skipped)} skipped); the probe needs at least one of each")
+    return {"num_train": counts[TRAIN], "num_heldout": counts[HELDOUT], "skipped": skipped,
+            "sources": [s.name() for s in sources]}
+
+
+# ---- 2. one VAE ---------------------------------------------------------------------------
+
+
+def cache_means(root: PathLike) -> Iterator[Tensor]:
+    """The posterior means of a latent cache, shard by shard: (n, c, h, w) float32 each."""
+    root = Path(root)
+    for shard in load_index(root)["shards"]:
+        yield map_shard(root / shard["file"])["mean"].float()
+
+
+def cache_statistics(root: PathLike) -> dict[str, Any]:
+    """Per-channel and global mean and std (population) of a cache's posterior means.
+
+    Returns:
+        ``per_channel_mean``, ``per_channel_std`` (c floats), ``global_mean``,
+        ``global_std``, ``num_latents``, ``shape`` [c, h, w]; accumulated in float64.
+    """
+    s1 = s2 = None
+    n = count = 0
+    for z in cache_means(root):
+        z = z.double()
+        s1 = z.sum((0, 2, 3)) if s1 is None else s1 + z.sum((0, 2, 3))
+        s2 = (z**2).sum((0, 2, 3)) if s2 is None else s2 + (z**2).sum((0, 2, 3))
+        n += z.shape[0]
+        count += z.shape[0] * z.shape[2] * z.shape[3]
+        shape = list(z.shape[1:])
+    mean_c = s1 / count
+    std_c = (s2 / count - mean_c**2).clamp_min(0).sqrt()
+    mean = float(s1.sum() / (count * len(s1)))
+    std = math.sqrt(max(float(s2.sum() / (count * len(s1))) - mean**2, 0.0))
+    return {"per_channel_mean": mean_c.tolist(), "per_channel_std": std_c.tolist(), "global_mean": mean,
+            "global_std": std, "num_latents": n, "shape": shape}
+
+
+def iid_gaussian_loss(per_channel_var: Sequence[float], alphas_cumprod: Tensor) -> float:
+    """The epsilon-prediction MSE of the best denoiser for i.i.d. Gaussian latents.
+
+    For x_0 ~ N(mu_c, v_c) independently per value and x_t = sqrt(a) x_0 + sqrt(1 - a) eps,
+    E[eps | x_t] is linear in x_t and its MSE is a v_c / (a v_c + 1 - a). Averaged over
+    channels and the given timesteps: what a probe scores that learnt nothing but each
+    channel's mean and variance (white-noise latents of unit variance give mean(a)).
+
+    Args:
+        per_channel_var: v_c of the normalised latents.
+        alphas_cumprod: (K,) alpha_bar at the validation timesteps.
+    """
+    a = alphas_cumprod.double()[:, None]
+    v = torch.tensor(list(per_channel_var), dtype=torch.float64)[None, :]
+    return float((a * v / (a * v + 1 - a)).mean())
+
+
+def probe_latents(
+    train_latents: PathLike,
+    heldout_latents: PathLike,
+    vae: PathLike,
+    out_dir: PathLike,
+    probe_config: PathLike = PROBE_CONFIG,
+    steps: int | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Train the probe U-Net on one latent cache and follow its loss on a held-out one.
+
+    The normalisation is global and measured here: ``shift_factor`` = mean and
+    ``scaling_factor`` = 1 / std of the training cache's posterior means (the z the probe
+    trains on, ``data.sample_posterior=false``), applied to both caches. The run is
+    ``latent_diffusion.train.main`` on ``probe_config`` + ``overrides`` + those settings,
+    with ``data.val_latents`` = the held-out cache and the sample grid off.
+
+    Args:
+        train_latents, heldout_latents: latent caches of the same VAE (``encode_latents``).
+        vae: the diffusers folder that made them (checked against their hash).
+        out_dir: the probe run's output dir (replaced if it holds one).
+        probe_config: the stage-2 YAML (``configs/latent_diffusion/probe.yaml``).
+        steps: ``train.max_steps``; None keeps the config's.
+        seed: ``train.seed`` (U-Net init, batches, noise; the fixed validation noise).
+        overrides: more ``key=value`` settings for the probe config.
+    Returns:
+        ``latents`` (``cache_statistics`` of the training cache, plus ``num_heldout``),
+        ``normalisation``, ``spectrum`` (``latent_spectrum`` of the training latents),
+        ``probe``: ``steps`` and ``loss`` (the held-out curve), ``final``, ``area``,
+        ``train_loss`` (the last logged training loss), ``iid_gaussian_loss`` (None for
+        other targets than epsilon), ``timesteps``, ``seconds``.
+    Raises:
+        ValueError: from the config (a bad override) or the caches (another VAE).
+    """
+    stats = cache_statistics(train_latents)
+    if not stats["global_std"] > 0:
+        raise ValueError(f"the latents in {train_latents} are constant (std 0): nothing to normalise or learn")
+    shift, scale = stats["global_mean"], 1.0 / stats["global_std"]
+    settings = [f"data.latents={train_latents}", f"data.val_latents={heldout_latents}", f"data.vae={vae}",
+                "data.sample_posterior=false", f"data.scaling_factor={scale!r}", f"data.shift_factor={shift!r}",
+                f"train.seed={seed}", "train.num_validation_samples=0"]
+    if steps is not None:
+        settings.append(f"train.max_steps={steps}")
+    cfg = load_config(probe_config, [*overrides, *settings])
+    t0 = time.perf_counter()
+    train_ldm(cfg, out_dir, overwrite=True)
+    seconds = time.perf_counter() - t0
+    series = read_metrics(Path(out_dir) / "metrics.jsonl")
+    curve_steps, curve = series["val/loss"]
+    area = sum((b - a) * (la + lb) / 2 for a, b, la, lb in zip(curve_steps, curve_steps[1:], curve, curve[1:]))
+    area /= max(curve_steps[-1] - curve_steps[0], 1)  # trapezoidal integral / steps: the mean over the run
+    noise = build_noise_scheduler(cfg.noise)
+    t = validation_timesteps(cfg.noise.num_train_timesteps)
+    variances = [(s * scale) ** 2 for s in stats["per_channel_std"]]
+    iid = iid_gaussian_loss(variances, noise.alphas_cumprod[t]) if cfg.noise.prediction_type == "epsilon" else None
+    return {
+        "latents": {**stats, "num_heldout": load_index(heldout_latents)["num_latents"],
+                    "what": "posterior means of the training images, before normalisation"},
+        "normalisation": {"kind": "global", "shift_factor": shift, "scaling_factor": scale,
+                          "what": "latents = (mean - shift_factor) * scaling_factor, both measured on this VAE's "
+                                  "training latents: global mean 0, global std 1"},
+        "spectrum": latent_spectrum(cache_means(train_latents)),
+        "probe": {"steps": curve_steps, "loss": curve, "final": curve[-1], "area": area,
+                  "train_loss": series["loss"][1][-1] if "loss" in series else None,
+                  "iid_gaussian_loss": iid, "timesteps": t.tolist(), "seconds": round(seconds, 2)},
+    }
+
+
+def probe_vae(
+    vae: PathLike,
+    images: PathLike,
+    work_dir: PathLike,
+    resolution: int,
+    probe_config: PathLike = PROBE_CONFIG,
+    steps: int | None = None,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Encode the probe images (``prepare_probe_images``) with one VAE and probe its latents.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL`` folder (``probe_latents`` needs a folder).
+        images: the folder holding ``train/`` and ``heldout/``.
+        work_dir: where the two caches and the probe run go.
+        resolution, probe_config, steps, seed, overrides: as ``probe_latents`` and the images.
+        batch_size, num_workers: of the encoding.
+    Returns:
+        What ``probe_latents`` returns, plus ``seconds_encode``.
+    """
+    from .encode import encode_latents
+
+    work_dir = Path(work_dir)
+    t0 = time.perf_counter()
+    for part in (TRAIN, HELDOUT):
+        encode_latents(vae, Path(images) / part, work_dir / f"latents-{part}", resolution=resolution,
+                       batch_size=batch_size, num_workers=num_workers)
+    encoded = time.perf_counter() - t0
+    result = probe_latents(work_dir / f"latents-{TRAIN}", work_dir / f"latents-{HELDOUT}", vae, work_dir / "run",
+                           probe_config, steps, seed, overrides)
+    result["probe"]["seconds_encode"] = round(encoded, 2)
+    return result
+
+
+# ---- 3. several VAEs, one report -----------------------------------------------------------
+
+
+def vae_names(paths: Sequence[PathLike]) -> list[str]:
+    """Short, distinct labels: the folder name (its parent's for a ``vae/`` folder) or file stem."""
+    names = []
+    for p in map(Path, paths):
+        name = p.stem if p.is_file() else (p.resolve().parent.name if p.name == "vae" else p.resolve().name)
+        names.append(name if name not in names else f"{name}-{len(names)}")
+    return names
+
+
+def diffusability_report(
+    vaes: Sequence[PathLike],
+    data: PathLike,
+    out: PathLike = "report.json",
+    resolution: int = 256,
+    probe_config: PathLike = PROBE_CONFIG,
+    probe_steps: int | None = None,
+    seed: int = 0,
+    heldout_fraction: float = 0.2,
+    max_images: int | None = None,
+    vae_config: PathLike | None = None,
+    overrides: Sequence[str] = (),
+    work_dir: PathLike | None = None,
+    batch_size: int = 4,
+    num_workers: int = 1,
+    device: str | None = None,
+    lpips: str = "auto",
+    fid: str = "auto",
+    inception_weights: PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reconstruction and diffusability of several VAEs on the same images; report, PNG, table.
+
+    For every VAE, in order: the reconstruction metrics of ``evaluate_vae`` on all the
+    probe crops (its report, per-image CSV and worst-8 PNG are written beside ``out`` as
+    ``<stem>_<k>_<name>.*``), then ``probe_vae`` with the same images, config, steps and
+    seed. Single files and training dirs are first saved as diffusers folders in the work
+    dir (same weights, same hash), since the latent cache and the stage-2 loop load a
+    folder.
+
+    Files written (atomically): ``out`` (JSON: ``data``, ``probe`` settings, one entry per
+    VAE under ``vaes`` with ``reconstruction``, ``latents``, ``normalisation``,
+    ``spectrum``, ``probe`` and ``seconds``, the ``table``); ``<stem>.png`` (probe curves
+    and latent spectra overlaid).
+
+    Args:
+        vaes: paths ``load_vae`` accepts (diffusers folder, training output dir, single file).
+        data: an image folder, or ``"demo"`` (see ``prepare_probe_images``).
+        out: the report path (``.json``).
+        resolution: crop side in pixels (a multiple of every VAE's factor f).
+        probe_config, probe_steps, seed, overrides: the probe (``probe_latents``).
+        heldout_fraction, max_images: the images (``prepare_probe_images``).
+        vae_config: a ``config.json`` for single-file VAEs (``load_vae``'s ``config``).
+        work_dir: keep the crops, caches and probe runs there; None: a temporary folder
+            beside ``out``, removed at the end.
+        batch_size, num_workers, device, lpips, fid, inception_weights, progress: of the
+            reconstruction evaluation (``evaluate_vae``); ``num_workers`` also decodes
+            the images for the latent caches.
+    Returns:
+        The report (what ``out`` holds).
+    Raises:
+        FileNotFoundError, ValueError: a missing VAE or folder, too few images, a bad
+            option or probe config.
+    """
+    if not vaes:
+        raise ValueError("give at least one VAE to probe")
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = vae_names(vaes)
+    temporary = work_dir is None
+    work = Path(tempfile.mkdtemp(prefix=f".{out.stem}-probe-", dir=out.parent)) if temporary else Path(work_dir)
+    try:
+        images = prepare_probe_images(data, resolution, work / "images", heldout_fraction, max_images)
+        entries = []
+        for k, (path, name) in enumerate(zip(vaes, names)):
+            logger.info("diffusability %d/%d: %s", k + 1, len(vaes), path)
+            t0 = time.perf_counter()
+            model = load_vae(path, config=vae_config if Path(path).is_file() else None)
+            folder = work / f"vae-{k}"
+            model.save_pretrained(folder, safe_serialization=True)  # a folder the cache and stage 2 load
+            recon = evaluate_vae(model, work / "images", out=out.with_name(f"{out.stem}_{k}_{name}.json"),
+                                 resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+                                 device=device, lpips=lpips, fid=fid, inception_weights=inception_weights,
+                                 progress=progress)
+            t1 = time.perf_counter()
+            result = probe_vae(folder, work / "images", work / f"probe-{k}", resolution, probe_config, probe_steps,
+                               seed, overrides, num_workers=num_workers)
+            entries.append({
+                "name": name, "path": str(path), "weights_sha256": vae_weights_sha256(model),
+                "config": recon["vae"]["config"],
+                "reconstruction": {key: recon[key] for key in ("psnr", "ssim", "lpips", "rfid", "kl", "notes", "files")},
+                **result,
+                "seconds": {"reconstruction": round(t1 - t0, 2), "encode": result["probe"]["seconds_encode"],
+                            "probe": result["probe"]["seconds"], "total": round(time.perf_counter() - t0, 2)},
+            })
+            entries[-1]["reconstruction"]["report"] = str(out.with_name(f"{out.stem}_{k}_{name}.json"))
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    cfg = load_config(probe_config, list(overrides))
+    png = out.with_name(f"{out.stem}.png")
+    report = {
+        "format_version": REPORT_FORMAT_VERSION,
+        "what": ("diffusability probe: a fixed small stage-2 U-Net trained on each VAE's globally normalised "
+                 "latents; lower held-out loss = easier for a diffusion model. Compare only VAEs probed together."),
+        "data": {"source": str(data), "resolution": resolution, "heldout_fraction": heldout_fraction,
+                 "max_images": max_images, **{k: v for k, v in images.items() if k != "sources"}},
+        "probe": {"config_file": str(probe_config), "overrides": list(overrides),
+                  "steps": probe_steps if probe_steps is not None else cfg.train.max_steps, "seed": seed,
+                  "validation_steps": cfg.train.validation_steps, "num_val_latents": cfg.data.num_val_latents,
+                  "normalisation": "global: each VAE's own mean and std over its training latents",
+                  "area": "trapezoidal area under the held-out curve / steps (the mean held-out loss over the run)",
+                  "high_frequency": f"energy share above {HALF_NYQUIST} cycles per latent cell (half the Nyquist frequency)"},
+        "vaes": entries,
+        "table": [table_row(e) for e in entries],
+        "files": {"report": str(out), "png": str(png)},
+        "run": {"seconds": round(time.perf_counter() - t_start, 2), "torch": torch.__version__,
+                "python": platform.python_version()},
+    }
+    write_atomic(png, _png_bytes(plot_report(report)))
+    write_json(out, report)
+    return report
+
+
+def table_row(entry: dict[str, Any]) -> dict[str, Any]:
+    """One VAE's line of the summary table."""
+    rec, probe = entry["reconstruction"], entry["probe"]
+    return {"name": entry["name"], "psnr": rec["psnr"]["mean"], "ssim": rec["ssim"]["mean"],
+            "probe_final": probe["final"], "probe_area": probe["area"], "iid_gaussian_loss": probe["iid_gaussian_loss"],
+            "high_frequency_fraction": entry["spectrum"]["high_frequency_fraction"],
+            "seconds": entry["seconds"]["total"]}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's table as aligned text, one row per VAE."""
+    head = ("VAE", "PSNR dB", "SSIM", "probe final", "probe area", "iid ref", "HF frac", "time s")
+    rows = [(r["name"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['probe_final']:.4f}", f"{r['probe_area']:.4f}",
+             "-" if r["iid_gaussian_loss"] is None else f"{r['iid_gaussian_loss']:.4f}",
+             f"{r['high_frequency_fraction']:.3f}", f"{r['seconds']:.0f}") for r in report["table"]]
+    widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in [head, *rows])
+
+
+def plot_report(report: dict[str, Any]) -> Image.Image:
+    """Two panels: the held-out probe curves from the first point after step 0 (dashed: each
+    VAE's i.i.d. reference) and the latents' radial power spectra relative to white noise
+    (dotted: half the Nyquist frequency)."""
+    vaes = report["vaes"]
+    # From the first point after step 0: the untrained U-Net scores ~1 for every VAE and
+    # would squash the part of the curves that differs.
+    skip = 1 if all(len(v["probe"]["steps"]) > 2 for v in vaes) else 0
+    curves = [(v["name"], v["probe"]["steps"][skip:], v["probe"]["loss"][skip:]) for v in vaes]
+    refs = [(k, v["probe"]["iid_gaussian_loss"]) for k, v in enumerate(vaes) if v["probe"]["iid_gaussian_loss"]]
+    left = chart("probe: held-out denoising loss (dashed: i.i.d. reference)", curves, (520, 320), x_label="step",
+                 hlines=refs)
+    spectra = [(f"{v['name']}  HF {v['spectrum']['high_frequency_fraction']:.2f}", v["spectrum"]["frequency"],
+                v["spectrum"]["power"]) for v in vaes]
+    freq = vaes[0]["spectrum"]["frequency"]
+    spectra.append((f"white noise  HF {vaes[0]['spectrum']['white_noise_fraction']:.2f}", freq, [1.0] * len(freq)))
+    right = chart("latent power / white noise vs cycles per cell", spectra, (520, 320), x_label="cycles/cell",
+                  log_y=True, vline=HALF_NYQUIST)
+    return hstack([left, right], pad=8)
