@@ -372,8 +372,8 @@ class HFImageStream(torch.utils.data.IterableDataset):
             except (OSError, ValueError) as exc:
                 self.skipped += 1
                 if self.skipped <= _MAX_NAMED_WARNINGS:
-                    reason = str(exc) if name in str(exc) else f"{name}: {exc}"
-                    warnings.warn(f"skipping {reason}", UnreadableImageWarning, stacklevel=2)
+                    reason = str(exc).replace(f"cannot read image {name}: ", "")
+                    warnings.warn(f"skipping {name}: {reason}", UnreadableImageWarning, stacklevel=2)
                 continue
             w, h = img.size
             box = random_crop_box(h, w, self.resolution, (self.seed, epoch, sample_key(data)), self.rotate,

@@ -117,6 +117,31 @@ def test_the_three_builders_load_the_same_images(tmp_path):
     assert read(str(tmp_path / "photos"), None, "label") == want  # a local folder: datasets' imagefolder
 
 
+def test_a_map_style_table_gives_the_crops_of_the_folder_and_skips_a_bad_row(tmp_path, monkeypatch):
+    """data.streaming=false: rows of the Arrow table are sampled exactly as the folder's files."""
+    import datasets
+
+    from autoencoderkl.data import ImageFolder
+    from autoencoderkl.hf_data import HFImages
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    paths = write_photos(tmp_path / "photos", n=5)
+    cells = [{"bytes": p.read_bytes(), "path": p.name} for p in paths]
+    cells[3] = {"bytes": b"not an image", "path": "bad.png"}
+    datasets.Dataset.from_dict({"image": cells}).cast_column("image", datasets.Image()).to_parquet(
+        str(tmp_path / "t.parquet"))
+    ds = load_hf("parquet", [str(tmp_path / "t.parquet")], "train", streaming=False)
+    assert isinstance(ds, datasets.Dataset) and len(ds) == 5
+    kw = dict(resize=24, seed=3, color_jitter=0.2, rotate=True)
+    table = HFImages(prepare_columns(ds, "image"), "image", "t", 16, **kw)
+    folder = ImageFolder(paths, 16, **kw)
+    for key in [(0, 0), (4, 0), (2, 7)]:
+        assert torch.equal(table[key], folder[key]), f"sample {key} differs from the folder's"
+    with pytest.warns(UserWarning, match=r"skipping t\[3\]"):
+        assert torch.equal(table[(3, 1)], folder[(4, 1)])  # a bad row: the next readable one, as a bad file
+    assert table.num_skipped() == 1
+
+
 def test_two_ranks_read_disjoint_samples_that_cover_the_shards(tmp_path):
     flat_photos(tmp_path / "photos", 24)
     make_shards(tmp_path / "photos", tmp_path / "shards", shard_size=3)  # 8 shards: 4 per rank
