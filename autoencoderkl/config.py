@@ -107,7 +107,9 @@ class LossConfig:
 class DataConfig:
     """Where images come from and how they become (B, 3, H, W) tensors in [-1, 1]."""
 
-    source: str = "folder"  # folder | demo (the RGB photos scikit-image ships)
+    # folder | demo (the RGB photos scikit-image ships) | hf (Hugging Face datasets: the
+    # Hub, parquet, WebDataset tar shards; the keys from data.dataset to data.shuffle_buffer)
+    source: str = "folder"
     train_dir: Optional[str] = None  # image folder, searched recursively
     # Held-out validation folder. num_val_images images, evenly spaced in sorted order
     # (a fixed split), are taken from it -- or, when it is null, out of train_dir.
@@ -131,6 +133,26 @@ class DataConfig:
     # Colour jitter of strength s in [0, 1): brightness, contrast and saturation x U(1-s, 1+s),
     # hue shifted by U(-s/2, s/2) of a turn (torchvision's ColorJitter operations).
     color_jitter: float = 0.0
+    # ---- data.source=hf (see docs/data-at-scale.md) ----
+    # A Hub name (user/name), a local folder, or a builder: imagefolder | parquet | webdataset.
+    # null with data.data_files: the builder from their extension (.tar, .parquet, else images).
+    dataset: Optional[str] = None
+    # Files to read: a glob or brace pattern (train-{000000..000099}.tar), a list of them, or
+    # {split: patterns}; local paths or fsspec URLs (s3://, gs://, hf://). null: the dataset's own.
+    data_files: Any = None
+    split: str = "train"  # the split to train on
+    # Validation images: data.val_dir (a folder), or the first num_val_images of this split.
+    val_split: Optional[str] = None
+    image_column: Optional[str] = None  # null: the dataset's one Image column
+    label_column: Optional[str] = None  # class labels (encode_latents; stage 1 ignores labels)
+    # true: read as a stream (nothing is copied first; resumable through the stream's state).
+    # false: datasets converts the split into its local Arrow cache first, then samples as
+    # the folder source does (exact resume with any shuffle).
+    streaming: bool = True
+    # Streams: examples drawn at random from a buffer of this many (datasets' shuffle buffer;
+    # its content is not saved, so a resume skips up to buffer - 1 samples per worker and rank).
+    # 0: the shard order alone is shuffled, each epoch, and a resume is exact.
+    shuffle_buffer: int = 1000
 
 
 @dataclass
@@ -231,7 +253,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.pixel_loss": ("l1", "l2"),
     "loss.perceptual_pretrained": ("true", "false", "auto"),
     "loss.disc_loss": ("hinge", "vanilla"),
-    "data.source": ("folder", "demo"),
+    "data.source": ("folder", "demo", "hf"),
     **LOOP_CHOICES,
 }
 
@@ -396,8 +418,9 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     Raises:
         FileNotFoundError, ValueError: as ``merge_config``; also ValueError when
             ``data.resolution`` is not a positive multiple of 8, ``data.resize`` is smaller
-            than the crop, ``data.source=folder`` has no ``data.train_dir``, or the
-            equivariance weight is negative or its probability outside [0, 1].
+            than the crop, ``data.source=folder`` has no ``data.train_dir``,
+            ``data.source=hf`` misses a key (``check_hf_data``), or the equivariance weight
+            is negative or its probability outside [0, 1].
     """
     cfg = merge_config(VAEConfig, yaml_path, overrides, CHOICES)
     d = cfg.data
@@ -406,13 +429,41 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     if d.resize is not None and d.resize < d.resolution:
         raise ValueError(f"data.resize ({d.resize}) must be >= data.resolution ({d.resolution}) or null")
     if d.source == "folder" and not d.train_dir:
-        raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo)")
+        raise ValueError("data.source=folder needs data.train_dir=PATH (or use data.source=demo or hf)")
+    if d.source == "hf":
+        check_hf_data(d)
     check_loop_config(cfg, extra_positive=("data.val_grid", "data.num_val_images"))
     if cfg.loss.equivariance_weight < 0:
         raise ValueError(f"loss.equivariance_weight must be >= 0 (0 = off), got {cfg.loss.equivariance_weight}")
     if not 0.0 <= cfg.loss.equivariance_prob <= 1.0:
         raise ValueError(f"loss.equivariance_prob must lie in [0, 1], got {cfg.loss.equivariance_prob}")
     return cfg
+
+
+def check_hf_data(d: DataConfig) -> None:
+    """The cross-field checks of ``data.source=hf``, before any work.
+
+    Raises:
+        ValueError: no ``data.dataset`` nor ``data.data_files``; no validation source
+            (``data.val_dir`` or ``data.val_split``); a negative ``data.shuffle_buffer``.
+        FileNotFoundError: ``data.val_dir``, a local ``data.dataset`` path or a local
+            ``data.data_files`` pattern that does not exist (``expand_data_files``).
+    """
+    if not d.dataset and not d.data_files:
+        raise ValueError("data.source=hf needs data.dataset (a Hub name, a folder, or imagefolder | parquet | "
+                         "webdataset) and/or data.data_files (e.g. '/data/shards/train-{000000..000099}.tar')")
+    if not d.val_dir and not d.val_split:
+        raise ValueError("data.source=hf needs validation images: data.val_split (a split of the same dataset, "
+                         "e.g. validation) or data.val_dir (an image folder)")
+    if d.shuffle_buffer < 0:
+        raise ValueError(f"data.shuffle_buffer must be >= 0 (0: shard order only), got {d.shuffle_buffer}")
+    if d.val_dir and not Path(d.val_dir).is_dir():
+        raise FileNotFoundError(f"data.val_dir {d.val_dir} is not a folder")
+    if d.dataset and d.dataset.startswith(("/", ".", "~")) and not Path(d.dataset).expanduser().exists():
+        raise FileNotFoundError(f"data.dataset {d.dataset} does not exist")
+    from .hf_data import expand_data_files  # light: no datasets import
+
+    expand_data_files(d.data_files)
 
 
 def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:

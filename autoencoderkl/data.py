@@ -24,12 +24,13 @@ resumed run continues exactly where it stopped (``InfiniteSampler(start=...)``).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -109,6 +110,29 @@ def list_images(root: PathLike) -> list[Path]:
             f"{', '.join(IMAGE_EXTENSIONS)}; found {len(files)} other file(s))"
         )
     return images
+
+
+def class_labels(root: PathLike, paths: Sequence[Path]) -> tuple[list[int] | None, list[str] | None]:
+    """Labels from class subfolders, as torchvision's ``ImageFolder`` gives them.
+
+    If every path sits inside a subfolder of ``root`` (none at its top level), the sorted
+    names of those first-level subfolders are the classes 0..K-1 and a path's label is
+    the subfolder it sits in (at any depth below it).
+
+    Args:
+        root: the folder ``paths`` were listed from.
+        paths: files under ``root`` (e.g. ``list_images(root)``).
+    Returns:
+        ``(labels, classes)``: one int per path and the class names in label order, or
+        ``(None, None)`` when some image lies at the top level (an unlabelled folder).
+    """
+    root = Path(root)
+    parts = [p.relative_to(root).parts for p in paths]
+    if any(len(q) == 1 for q in parts):  # images at the top level: no classes
+        return None, None
+    classes = sorted({q[0] for q in parts})
+    label_of = {name: i for i, name in enumerate(classes)}
+    return [label_of[q[0]] for q in parts], classes
 
 
 def _distributed() -> bool:
@@ -222,6 +246,13 @@ def list_images_once(accelerator: "Accelerator", root: PathLike) -> list[Path]:
     return broadcast_paths(accelerator, lambda: list_images(root))
 
 
+def evenly_spaced(paths: Sequence[Any], n: int) -> list[Any]:
+    """n items spread evenly over a sorted list (a split that does not depend on chance)."""
+    if n >= len(paths):
+        return list(paths)
+    return [paths[round(i * (len(paths) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
 def demo_image_paths(split: str) -> list[Path]:
     """Paths of the demo dataset: RGB photos that scikit-image ships with its wheel.
 
@@ -283,8 +314,8 @@ def _composite_over_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def load_rgb(path: PathLike) -> Image.Image:
-    """Decode one image file fully into an 8-bit RGB image.
+def load_rgb(path: PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode one image (a file, or its bytes) fully into an 8-bit RGB image.
 
     EXIF orientation is applied (``ImageOps.exif_transpose``). Modes: L, 1, CMYK, YCbCr
     and others convert to RGB; LA, PA, RGBA, and P/L/RGB with a transparency key are
@@ -294,25 +325,53 @@ def load_rgb(path: PathLike) -> Image.Image:
     truncated or corrupt file fails in this call, not later.
 
     Args:
-        path: an image file.
+        path: an image file, or the encoded bytes of one (a tar member, a parquet cell).
+        name: what error messages call it (default: the path; ``"<bytes>"`` for bytes).
     Returns:
         ``PIL.Image.Image`` in mode ``"RGB"`` (uint8 values in [0, 255]), size (W, H)
         after the EXIF rotation.
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        OSError: ``"cannot read image {path}: {reason}"`` if the file cannot be decoded
-            (not an image, truncated, corrupt, or a decompression bomb).
+        OSError: ``"cannot read image {name}: {reason}"`` if it cannot be decoded (not an
+            image, truncated, corrupt, or a decompression bomb).
     """
-    path = Path(path)
+    is_bytes = isinstance(path, (bytes, bytearray, memoryview))
+    name = name or ("<bytes>" if is_bytes else str(path))
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(path) if is_bytes else Path(path)) as im:
             im.load()
             img = ImageOps.exif_transpose(im)  # a new image, so the file can close
         return _to_rgb(img)
     except FileNotFoundError:
         raise
     except _DECODE_ERRORS as exc:
-        raise OSError(f"cannot read image {path}: {exc}") from exc
+        raise OSError(f"cannot read image {name}: {exc}") from exc
+
+
+def load_resized(path: PathLike | bytes, size: int, name: str | None = None) -> Image.Image:
+    """``load_rgb``, then the shorter side resized to ``size`` pixels (bicubic, antialiased).
+
+    An image whose shorter side already is ``size`` is not resampled. A decompression
+    bomb of warning size (> ``PIL.Image.MAX_IMAGE_PIXELS``) fails like one of error size.
+
+    Args:
+        path, name: as ``load_rgb``.
+        size: the shorter side in pixels after resizing, aspect ratio kept.
+    Returns:
+        An RGB ``PIL.Image.Image`` whose shorter side is ``size``.
+    Raises:
+        FileNotFoundError, OSError: as ``load_rgb`` (a bomb: ``OSError`` too).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = load_rgb(path, name)
+        except Image.DecompressionBombWarning as exc:
+            raise OSError(f"cannot read image {name or path}: decompression bomb: {exc}") from exc
+    if min(img.size) != size:
+        # int size: the shorter side becomes `size`, aspect ratio kept.
+        img = TF.resize(img, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -342,8 +401,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return x.to(torch.float32) / 127.5 - 1.0
 
 
-def _check_header(path: Path) -> str | None:
-    """Cheap readability check (header only): None if fine, else the reason."""
+def _check_header(path: Path | io.BytesIO) -> str | None:
+    """Cheap readability check (header only) of a file or in-memory bytes: None if fine, else the reason."""
     try:
         with warnings.catch_warnings():
             # A warning-sized bomb (> MAX_IMAGE_PIXELS) is skipped like an error-sized one.
@@ -355,7 +414,9 @@ def _check_header(path: Path) -> str | None:
     except FileNotFoundError:
         return "file not found"
     except _DECODE_ERRORS as exc:
-        if path.is_file() and path.stat().st_size == 0:
+        if isinstance(path, io.BytesIO) and not path.getbuffer().nbytes:
+            return "empty (0 bytes)"
+        if isinstance(path, Path) and path.is_file() and path.stat().st_size == 0:
             return "empty file (0 bytes)"
         return f"{type(exc).__name__}: {exc}"
     if w < 1 or h < 1:
@@ -363,7 +424,7 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def _failure_reason(path: Path, exc: BaseException) -> str:
+def _failure_reason(path: Path | object, exc: BaseException) -> str:
     """Why reading ``path`` failed, in the words ``_check_header`` uses."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc  # load_rgb wraps PIL's error
     if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
@@ -371,7 +432,7 @@ def _failure_reason(path: Path, exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError):
         return "file not found"
     try:
-        if path.stat().st_size == 0:
+        if isinstance(path, Path) and path.stat().st_size == 0:
             return "empty file (0 bytes)"
     except OSError:
         pass
@@ -387,6 +448,76 @@ def _folders(paths: Sequence[Path]) -> str:
         return f"{os.path.commonpath(parents)} ({len(parents)} folders)"
     except ValueError:  # different drives
         return f"{len(parents)} folders"
+
+
+class CropBox(NamedTuple):
+    """Where a square crop is cut and what is done to it (``crop_to_tensor``)."""
+
+    top: int  # pixels from the top of the resized image
+    left: int  # pixels from its left edge
+    flip: bool = False  # mirror left-right
+    turns: int = 0  # quarter-turns counter-clockwise (torch.rot90), 0..3
+    order: int = 0  # index into _CHANNEL_ORDERS (0: R, G, B)
+    colour: tuple = ()  # (brightness, contrast, saturation, hue) factors, or () for none
+
+
+def random_crop_box(
+    h: int, w: int, resolution: int, key: Sequence[int], rotate: bool = False, permute_channels: bool = False,
+    color_jitter: float = 0.0,
+) -> CropBox:
+    """The training augmentation of one sample, a pure function of ``key``.
+
+    Drawn from ``numpy.random.default_rng(key)`` in a fixed order: the crop's top and left
+    (uniform over every position), the flip (p = 0.5), then, only when switched on, the
+    quarter-turn (uniform 0..3), the channel order (uniform over the 6) and the colour
+    jitter factors; so switching on a later one leaves the earlier ones unchanged. Every
+    training source (``ImageFolder``; ``autoencoderkl.hf_data`` streams and tables) cuts
+    its crops here.
+
+    Args:
+        h, w: size of the resized image in pixels, each >= ``resolution``.
+        resolution: side of the square crop in pixels.
+        key: non-negative ints, e.g. ``(seed, epoch, index)``.
+        rotate, permute_channels: also draw a quarter-turn, a channel order.
+        color_jitter: s in [0, 1): brightness, contrast and saturation factors from
+            U(1 - s, 1 + s), hue shift from U(-s/2, s/2) of a turn; 0 draws none.
+    Returns:
+        A ``CropBox``.
+    """
+    rng = np.random.default_rng(list(key))
+    top = int(rng.integers(0, h - resolution + 1))
+    left = int(rng.integers(0, w - resolution + 1))
+    flip = bool(rng.random() < 0.5)
+    turns = int(rng.integers(0, 4)) if rotate else 0
+    order = int(rng.integers(0, 6)) if permute_channels else 0
+    s = color_jitter
+    colour = tuple(rng.uniform(1 - s, 1 + s, 3)) + (float(rng.uniform(-s / 2, s / 2)),) if s else ()
+    return CropBox(top, left, flip, turns, order, colour)
+
+
+def crop_to_tensor(img: Image.Image, resolution: int, box: CropBox) -> torch.Tensor:
+    """Cut ``box`` out of an RGB image and apply its flip, colour, turn and channel order.
+
+    Args:
+        img: RGB ``PIL.Image.Image`` (already resized), at least ``resolution`` each side.
+        resolution: side of the square crop in pixels.
+        box: from ``random_crop_box`` (training) or a fixed ``CropBox(top, left)``.
+    Returns:
+        (3, resolution, resolution) float32 in [-1, 1].
+    """
+    img = TF.crop(img, box.top, box.left, resolution, resolution)
+    if box.flip:
+        img = TF.hflip(img)
+    if box.colour:  # torchvision's ColorJitter operations, in its fixed order
+        brightness, contrast, saturation, hue = box.colour
+        img = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
+            img, brightness), contrast), saturation), hue)
+    x = to_tensor(img)  # (3, resolution, resolution) float32 in [-1, 1]
+    if box.turns:
+        x = torch.rot90(x, box.turns, dims=(1, 2))
+    if box.order:
+        x = x[list(_CHANNEL_ORDERS[box.order])]
+    return x
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -479,7 +610,7 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if grid < 1:
             raise ValueError(f"grid must be >= 1, got {grid}")
-        all_paths = [p if isinstance(p, Path) else Path(p) for p in paths]  # no copy of a million Paths
+        all_paths = self._items(paths)
         if not all_paths:
             raise ValueError("ImageFolder got an empty list of image paths")
 
@@ -502,7 +633,7 @@ class ImageFolder(torch.utils.data.Dataset):
             self._dropped = 0  # files left out of self.paths at construction
             self._bad = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()  # (n,) 1: unreadable
             for i, p in enumerate(self.paths):
-                reason = _check_header(p)
+                reason = self._header(p)
                 if reason is None:
                     break
                 self._skip(i, reason)
@@ -510,7 +641,7 @@ class ImageFolder(torch.utils.data.Dataset):
         else:  # eager: every header now, unreadable files left out
             self.paths = []
             for p in all_paths:
-                reason = _check_header(p)
+                reason = self._header(p)
                 if reason is None:
                     self.paths.append(p)
                 else:
@@ -524,17 +655,22 @@ class ImageFolder(torch.utils.data.Dataset):
                 tail = f" ({more} not named above; see ImageFolder.skipped)" if more > 0 else ""
                 warnings.warn(
                     f"skipped {len(self.skipped)} of {len(all_paths)} files in "
-                    f"{_folders(all_paths)}: not readable as images{tail}",
+                    f"{self._where(all_paths)}: not readable as images{tail}",
                     UnreadableImageWarning,
                     stacklevel=2,
                 )
             readable = bool(self.paths)
         if not readable:
-            reasons = "; ".join(f"{p.name}: {r}" for p, r in self.skipped[:3])
+            reasons = "; ".join(f"{getattr(p, 'name', p)}: {r}" for p, r in self.skipped[:3])
             raise ValueError(
-                f"none of the {len(all_paths)} files in {_folders(all_paths)} is a readable "
+                f"none of the {len(all_paths)} files in {self._where(all_paths)} is a readable "
                 f"image (e.g. {reasons})"
             )
+
+    @staticmethod
+    def _items(paths: Sequence[PathLike]) -> Sequence[Path]:
+        """``paths`` as ``pathlib.Path`` objects (the list itself when it holds Paths already)."""
+        return [p if isinstance(p, Path) else Path(p) for p in paths]
 
     def _skip(self, index: int, reason: str) -> None:
         """Flag ``paths[index]`` as unreadable for every worker, record it, warn (the first ~20 by name)."""
@@ -585,38 +721,23 @@ class ImageFolder(torch.utils.data.Dataset):
         """Number of samples: images (train) or images * grid**2 (evaluation)."""
         return len(self.paths) if self.train else len(self.paths) * self.grid**2
 
-    def _crop_box(self, h: int, w: int, image_index: int, crop: int, draw: int) -> tuple[int, int, bool, int, int, tuple]:
-        """(top, left, flip, quarter turns, channel order, colour factors) of the crop."""
+    def _crop_box(self, h: int, w: int, image_index: int, crop: int, draw: int) -> CropBox:
+        """Where and how sample (``image_index``, ``crop``, ``draw``) is cut from the resized image."""
         r = self.resolution
         if self.train:
-            rng = np.random.default_rng([self.seed, draw, image_index])
-            top = int(rng.integers(0, h - r + 1))
-            left = int(rng.integers(0, w - r + 1))
-            flip = bool(rng.random() < 0.5)
-            # Drawn after the crop and flip, so switching these on leaves those unchanged.
-            turns = int(rng.integers(0, 4)) if self.rotate else 0
-            order = int(rng.integers(0, 6)) if self.permute_channels else 0
-            s = self.color_jitter
-            # brightness, contrast, saturation factors in [1 - s, 1 + s]; hue shift in [-s/2, s/2] turns
-            colour = tuple(rng.uniform(1 - s, 1 + s, 3)) + (float(rng.uniform(-s / 2, s / 2)),) if s else ()
-            return top, left, flip, turns, order, colour
+            return random_crop_box(h, w, r, (self.seed, draw, image_index), self.rotate, self.permute_channels,
+                                   self.color_jitter)
         g = self.grid
         row, col = divmod(crop, g)
         if g == 1:  # the centre, rounded as torchvision's center_crop
-            return int(round((h - r) / 2.0)), int(round((w - r) / 2.0)), False, 0, 0, ()
-        return int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))), False, 0, 0, ()
+            return CropBox(int(round((h - r) / 2.0)), int(round((w - r) / 2.0)))
+        return CropBox(int(round(row * (h - r) / (g - 1))), int(round(col * (w - r) / (g - 1))))
 
     def _resized(self, image_index: int) -> Image.Image:
         """The decoded image with its shorter side resized to ``resize`` (cached if asked)."""
         if self._cache is not None and image_index in self._cache:
             return self._cache[image_index]
-        with warnings.catch_warnings():
-            # A warning-sized bomb (> MAX_IMAGE_PIXELS) is skipped like an error-sized one.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = load_rgb(self.paths[image_index])
-        if min(img.size) != self.resize:
-            # int size: the shorter side becomes `resize`, aspect ratio kept.
-            img = TF.resize(img, self.resize, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        img = self._read(self.paths[image_index])
         if self._cache is not None:
             self._cache[image_index] = img
         return img
@@ -624,20 +745,25 @@ class ImageFolder(torch.utils.data.Dataset):
     def _sample(self, image_index: int, crop: int, draw: int) -> torch.Tensor:
         img = self._resized(image_index)
         w, h = img.size
-        top, left, flip, turns, order, colour = self._crop_box(h, w, image_index, crop, draw)
-        img = TF.crop(img, top, left, self.resolution, self.resolution)
-        if flip:
-            img = TF.hflip(img)
-        if colour:  # torchvision's ColorJitter operations, in its fixed order
-            brightness, contrast, saturation, hue = colour
-            img = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(
-                img, brightness), contrast), saturation), hue)
-        x = to_tensor(img)  # (3, resolution, resolution) float32 in [-1, 1]
-        if turns:
-            x = torch.rot90(x, turns, dims=(1, 2))
-        if order:
-            x = x[list(_CHANNEL_ORDERS[order])]
-        return x
+        return crop_to_tensor(img, self.resolution, self._crop_box(h, w, image_index, crop, draw))
+
+    # How an item of ``paths`` is read; a subclass for other storage (a ``datasets``
+    # table, see ``autoencoderkl.hf_data.HFImages``) overrides these four.
+    def _read(self, path: Path) -> Image.Image:
+        """The RGB image of ``path``, its shorter side resized to ``resize``; OSError if unreadable."""
+        return load_resized(path, self.resize)
+
+    def _header(self, path: Path) -> str | None:
+        """None if ``path`` passes the cheap header check, else why not."""
+        return _check_header(path)
+
+    def _reason(self, path: Path, exc: BaseException) -> str:
+        """Why reading ``path`` failed with ``exc``."""
+        return _failure_reason(path, exc)
+
+    def _where(self, paths: Sequence[Path]) -> str:
+        """Where ``paths`` live, for messages."""
+        return _folders(paths)
 
     def __getitem__(self, key: int | tuple[int, int]) -> torch.Tensor:
         """One sample.
@@ -673,7 +799,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 return self._sample(j, crop, draw)
             except (OSError, Image.DecompressionBombWarning) as exc:
-                self._skip(j, _failure_reason(self.paths[j], exc))
+                self._skip(j, self._reason(self.paths[j], exc))
         first = f"; first here: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
         raise RuntimeError(f"all {num_images} images of this ImageFolder failed to decode{first}")
 

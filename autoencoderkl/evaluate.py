@@ -127,7 +127,7 @@ def select_images(data: PathLike, resolution: int, max_images: int | None) -> tu
         FileNotFoundError: if ``data`` is not a folder.
         ValueError: if it holds no image file, none is readable, or ``max_images`` < 1.
     """
-    from .train import evenly_spaced  # the split rule training uses for held-out images
+    from .data import evenly_spaced  # the split rule training uses for held-out images
 
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")

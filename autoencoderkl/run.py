@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^step-(\d{7,})$")
 STATE_FILE = "state.json"
 EMA_FILE = "ema.safetensors"
+# A checkpoint state key whose value each rank writes to its own JSON file (a stream's position).
+DATA_STATE = "data_state"
+DATA_STATE_FILE = "data_state/rank-{:05d}.json"
 # What a run writes at the top of its output dir; --overwrite removes exactly these.
 RUN_ARTIFACTS = ("checkpoints", "vae", "pipeline", "samples", "logs", "metrics.jsonl", "config.yaml")
 
@@ -228,7 +231,11 @@ def save_checkpoint(
     Every process must call this (each saves its own RNG state).
 
     Args:
-        state: JSON-serialisable scalars to restore (``global_step`` is added).
+        state: JSON-serialisable scalars to restore (``global_step`` is added). Its
+            ``DATA_STATE`` entry, if any, is this rank's own (a data stream's position:
+            ``autoencoderkl.hf_data.StreamBatches.state_dict()``): every rank writes it to
+            ``data_state/rank-NNNNN.json`` (``load_data_state`` reads it back) instead of
+            ``state.json``.
         ema: a diffusers ``EMAModel`` or None; its shadow weights go to safetensors.
         total_limit: how many complete checkpoints to keep; None keeps all.
     Returns:
@@ -242,6 +249,13 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    data_state = state.get(DATA_STATE)
+    state = {k: v for k, v in state.items() if k != DATA_STATE}
+    if data_state is not None:
+        path = tmp / DATA_STATE_FILE.format(accelerator.process_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rank": accelerator.process_index, "num_processes": accelerator.num_processes,
+                                    "state": data_state}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
@@ -295,6 +309,27 @@ def load_checkpoint(
         guard.restore(state)
     logger.info("resumed from %s at step %d", path, state["global_step"])
     return state
+
+
+def load_data_state(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """This rank's data-stream position from checkpoint ``path`` (written by ``save_checkpoint``).
+
+    Raises:
+        FileNotFoundError: the checkpoint holds no position for this rank (it was written
+            by a run reading another source, e.g. a folder).
+        ValueError: it was written by a run of another number of processes (a stream's
+            position is per rank: resume with as many processes, or start a new run).
+    """
+    file = path / DATA_STATE_FILE.format(accelerator.process_index)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no data stream position for rank {accelerator.process_index} ({file}); "
+                                "it was written by a run that read another data source")
+    saved = json.loads(file.read_text())
+    if saved["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{path} was written by a run of {saved['num_processes']} processes, this one has "
+                         f"{accelerator.num_processes}: each rank's stream position belongs to that split of the "
+                         f"shards. Resume with {saved['num_processes']} processes, or start a new output dir.")
+    return saved["state"]
 
 
 class MetricsLog:

@@ -37,8 +37,9 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .config import VAEConfig
-from .data import ImageFolder, broadcast_paths, demo_image_paths, list_images
+from .data import ImageFolder, broadcast_paths, demo_image_paths, evenly_spaced, list_images
 from .discriminator import NLayerDiscriminator
+from .hf_data import HFImageStream, StreamBatches, open_hf_training
 from .losses import AutoencoderLoss, build_perceptual, draw_equivariance_transform
 from .metrics import psnr_ssim_8bit
 from .model import (
@@ -50,6 +51,7 @@ from .model import (
     load_vae,
 )
 from .run import (
+    DATA_STATE,
     LogWindow,
     NonFiniteGuard,
     StopSignals,
@@ -58,6 +60,7 @@ from .run import (
     final_weights,
     infinite_batches,
     load_checkpoint,
+    load_data_state,
     log_image,
     open_logs,
     optimizer_step,
@@ -70,13 +73,6 @@ from .run import (
 logger = logging.getLogger(__name__)
 
 GRID_PAIRS = 8  # validation crops shown in each input | reconstruction grid
-
-
-def evenly_spaced(paths: list[Path], n: int) -> list[Path]:
-    """n items spread evenly over a sorted list (a split that does not depend on chance)."""
-    if n >= len(paths):
-        return list(paths)
-    return [paths[round(i * (len(paths) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
 def split_paths(cfg: VAEConfig) -> tuple[list[Path], list[Path]]:
@@ -172,18 +168,25 @@ def main(
     # then a per-process seed for posterior noise in the loop.
     accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)
 
-    # ---- data (first: a bad folder fails before any model is built or VGG16 fetched) --
-    # The main process lists the folders; the other ranks receive the list (a million
-    # files on network storage are walked once, not once per rank).
-    train_paths, val_paths = broadcast_paths(accelerator, lambda: split_paths(cfg))
-    train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
-                            cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
-                            permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
-    val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+    # ---- data (first: a bad folder or source fails before any model is built or VGG16 fetched)
+    hf = None
+    if cfg.data.source == "hf":  # a map-style HFImages, or this rank's HFImageStream
+        hf = open_hf_training(cfg.data, accelerator, cfg.train.seed)
+        train_set, val_set = hf.train, hf.val
+    else:
+        # The main process lists the folders; the other ranks receive the list (a million
+        # files on network storage are walked once, not once per rank).
+        train_paths, val_paths = broadcast_paths(accelerator, lambda: split_paths(cfg))
+        train_set = ImageFolder(train_paths, cfg.data.resolution, cfg.data.resize, train=True, seed=cfg.train.seed,
+                                cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
+                                permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
+        val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+    stream = isinstance(train_set, HFImageStream)  # resumed from its saved position, not from a sample count
     val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
-    logger.info(  # unreadable training files are found (skipped, counted) when first read
-        "data: %d training images, %d validation crops of %d px from %d images",
-        len(train_set), len(val_images), cfg.data.resolution, len(val_set.paths),
+    logger.info(  # unreadable training images are found (skipped, counted) when first read
+        "data: %s, %d validation crops of %d px from %d images",
+        hf.description if hf else f"{len(train_set)} training images", len(val_images), cfg.data.resolution,
+        len(val_set.paths),
     )
 
     # ---- model, loss, optimizers -------------------------------------------------
@@ -260,8 +263,14 @@ def main(
 
     metrics_log = open_logs(accelerator, cfg, out, notes, global_step if resume_path else None)
     samples_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps  # per process
-    batches = infinite_batches(train_set, cfg.data.batch_size, cfg.data.num_workers, accelerator, cfg.train.seed,
-                               start=global_step * samples_per_step + guard.data_offset)
+    num_workers = hf.num_workers if hf else cfg.data.num_workers
+    if stream:  # each rank's position in its stream comes back from the checkpoint (a rollback leaves it)
+        batches = StreamBatches(train_set, cfg.data.batch_size, num_workers, accelerator.device.type == "cuda")
+        if resume_path is not None:
+            batches.load_state_dict(load_data_state(accelerator, resume_path))
+    else:
+        batches = infinite_batches(train_set, cfg.data.batch_size, num_workers, accelerator, cfg.train.seed,
+                                   start=global_step * samples_per_step + guard.data_offset)
 
     def run_validation(step: int) -> dict[str, float]:
         """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png (EMA weights if any)."""
@@ -278,7 +287,7 @@ def main(
     def checkpoint_state() -> dict[str, Any]:
         """The scalars a checkpoint keeps beside Accelerate's state (state.json)."""
         return {"logvar": loss_fn.logvar.item(), "model": checkpoint_model_config,
-                **guard.state()}
+                **guard.state(), **({DATA_STATE: batches.state_dict()} if stream else {})}
 
     first_val = last_val = None
     if accelerator.is_main_process and resume_path is None:
@@ -352,7 +361,7 @@ def main(
             if due(global_step, cfg.train.log_steps, cfg.train.max_steps):
                 logs = window.emit(accelerator, samples_per_step * accelerator.num_processes, "images_per_sec")
                 logs["lr"] = opt_g.param_groups[0]["lr"]
-                logs["skipped_images"] = train_set.num_skipped(accelerator)  # on any rank; a collective
+                logs["skipped_images"] = (batches if stream else train_set).num_skipped(accelerator)  # any rank; a collective
                 write_logs(accelerator, metrics_log, global_step, logs, guard)
                 progress.set_postfix(rec=f"{logs['rec_loss']:.4f}", kl=f"{logs['kl_loss']:.0f}",
                                      g=f"{logs['g_loss']:.3f}", d=f"{logs['d_loss']:.3f}", refresh=False)

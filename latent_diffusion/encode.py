@@ -53,7 +53,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader
-from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from autoencoderkl.atomic import atomic_path, write_atomic
@@ -61,9 +60,10 @@ from autoencoderkl.data import (
     DEMO_TRAIN,
     DEMO_VAL,
     UnreadableImageWarning,
+    class_labels,
     demo_image_paths,
     list_images,
-    load_rgb,
+    load_resized,
     to_tensor,
 )
 from autoencoderkl.model import load_vae, vae_weights_sha256
@@ -176,12 +176,8 @@ def list_sources(data: PathLike, resolution: int) -> tuple[list[Source], list[in
         return _demo_sources(resolution)
     root = Path(data).resolve()
     paths = list_images(root)
-    parts = [p.relative_to(root).parts for p in paths]
-    if any(len(q) == 1 for q in parts):  # images at the top level: no classes
-        return [Source(p) for p in paths], None, None
-    classes = sorted({q[0] for q in parts})
-    label_of = {name: i for i, name in enumerate(classes)}
-    return [Source(p) for p in paths], [label_of[q[0]] for q in parts], classes
+    labels, classes = class_labels(root, paths)
+    return [Source(p) for p in paths], labels, classes
 
 
 def load_source(source: Source, resolution: int) -> Tensor:
@@ -199,25 +195,11 @@ def load_source(source: Source, resolution: int) -> Tensor:
     Raises:
         OSError: if the file cannot be decoded (also for decompression bombs).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = load_rgb(source.path)
-        except Image.DecompressionBombWarning as exc:
-            raise OSError(f"cannot read image {source.path}: decompression bomb: {exc}") from exc
-    return _crop(img, source, resolution)
-
-
-def _resize(img: Image.Image, short: int) -> Image.Image:
-    """Shorter side -> ``short`` pixels (bicubic, antialiased), aspect ratio kept."""
-    if min(img.size) == short:
-        return img
-    return TF.resize(img, short, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return _crop(load_resized(source.path, resolution if source.resize is None else source.resize), source, resolution)
 
 
 def _crop(img: Image.Image, source: Source, resolution: int) -> Tensor:
-    """Resize (unless already done) and crop the source's square -> (3, R, R) in [-1, 1]."""
-    img = _resize(img, resolution if source.resize is None else source.resize)
+    """Crop the source's square out of the resized image -> (3, R, R) float32 in [-1, 1]."""
     if source.resize is None:
         img = TF.center_crop(img, [resolution, resolution])
     else:
@@ -242,7 +224,7 @@ class _SourceImages(torch.utils.data.Dataset):
                 return pos, load_source(source, self.resolution), None
             key = (source.path, source.resize)
             if self._last is None or self._last[0] != key:
-                self._last = (key, _resize(load_rgb(source.path), source.resize))
+                self._last = (key, load_resized(source.path, source.resize))
             return pos, _crop(self._last[1], source, self.resolution), None
         except FileNotFoundError:
             return pos, None, "file not found"
@@ -258,6 +240,107 @@ def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> dict[str, An
         "images": torch.stack(ok) if ok else None,  # (k, 3, R, R) float32 in [-1, 1]
         "ok": [x is not None for _, x, _ in items],
         "failed": [(pos, reason) for pos, x, reason in items if x is None],
+    }
+
+
+class HFSource(NamedTuple):
+    """``--data hf:...``: a streaming ``datasets`` source, one cache shard per input shard (tar, parquet file)."""
+
+    ds: Any  # the streaming IterableDataset, image column undecoded (autoencoderkl.hf_data.prepare_columns)
+    column: str  # the image column
+    label_column: str | None
+    sources: list[str]  # what each input shard is called (its file), in order: cache shard k = input shard k
+    classes: list[str] | None  # the label column's ClassLabel names, if it has them
+    identity: dict[str, Any]  # what index.json["data"] records
+
+
+def open_hf_source(dataset: str, data_files: Any = None, split: str = "train", image_column: str | None = None,
+                   label_column: str | None = None) -> HFSource:
+    """Open ``--data hf:DATASET`` for encoding: always streamed (a single pass needs no Arrow copy).
+
+    Args:
+        dataset: a Hub name, a local folder, a builder (imagefolder | parquet | webdataset),
+            or "" to take the builder from ``data_files``' extension.
+        data_files, split, image_column, label_column: as the ``data.*`` keys of stage 1
+            (``autoencoderkl.hf_data``); ``label_column`` must hold ints or a ClassLabel.
+    Returns:
+        An ``HFSource``; its ``identity`` holds the builder, split, columns and the
+        resolved data files (a Hub dataset's include its commit).
+    Raises:
+        ImportError, FileNotFoundError, ValueError: as ``autoencoderkl.hf_data.load_hf``;
+            ValueError also for a missing or non-integer label column, or an empty source.
+    """
+    import datasets
+
+    from autoencoderkl.hf_data import _builder, expand_data_files, find_image_column, load_hf, prepare_columns
+
+    files = expand_data_files(data_files, "--data-files")
+    ds = load_hf(dataset or None, files, split, streaming=True)
+    where = f"hf:{dataset}[{split}]"
+    column = find_image_column(ds.features, image_column, where)
+    classes = None
+    if label_column is not None:
+        feature = (ds.features or {}).get(label_column)
+        if feature is None:
+            raise ValueError(f"--label-column {label_column!r} is not a column of {where}; columns: {list(ds.features or {})}")
+        if isinstance(feature, datasets.ClassLabel):
+            classes = list(feature.names)
+        elif not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+            raise ValueError(f"--label-column {label_column!r} of {where} holds {feature}, not integer labels")
+    ds = prepare_columns(ds, column, [label_column] if label_column else [])
+    builder = datasets.load_dataset_builder(_builder(dataset or None, files), **({"data_files": files} if files else {}))
+    resolved = [str(f) for f in (builder.config.data_files or {}).get(split, [])]
+    sources = resolved if len(resolved) == ds.num_shards else [f"{where} input shard {k}" for k in range(ds.num_shards)]
+    identity = {"source": "hf", "dataset": dataset, "builder": builder.name, "split": split, "image_column": column,
+                "label_column": label_column, "data_files": resolved}
+    return HFSource(ds, column, label_column, sources, classes, identity)
+
+
+class _HFShardImages(torch.utils.data.IterableDataset):
+    """Worker side: whole input shards -> batches of centre crops that never straddle a shard.
+
+    Worker w of W takes the cache shards ``shards[w::W]``; each input shard is read in
+    order (``IterableDataset.shard(contiguous=True).iter(batch_size)``, which ``datasets``
+    does not divide among DataLoader workers) and ends with an empty batch marked ``last``.
+    """
+
+    def __init__(self, hf: HFSource, shards: list[int], resolution: int, batch_size: int):
+        self.hf, self.shards, self.resolution, self.batch_size = hf, shards, resolution, batch_size
+
+    def __iter__(self) -> Any:
+        from autoencoderkl.hf_data import image_bytes, sample_name
+
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        hf, centre = self.hf, Source(Path())
+        for k in mine:
+            part = hf.ds.shard(num_shards=len(hf.sources), index=k, contiguous=True)
+            position = 0
+            for rows in part.iter(batch_size=self.batch_size):
+                examples = [dict(zip(rows, values)) for values in zip(*rows.values())]
+                items = []
+                for example in examples:
+                    name = sample_name(example, hf.column, f"{hf.sources[k]}#{position}")
+                    position += 1
+                    try:
+                        x = _crop(load_resized(image_bytes(example.get(hf.column)), self.resolution, name), centre,
+                                  self.resolution)
+                        items.append((name, x, None, example.get(hf.label_column) if hf.label_column else None))
+                    except (OSError, ValueError) as exc:
+                        items.append((name, None, str(exc), None))
+                yield {"shard": k, "last": False, **_batch_of(items)}
+            yield {"shard": k, "last": True, **_batch_of([])}
+
+
+def _batch_of(items: list[tuple[Any, Tensor | None, str | None, int | None]]) -> dict[str, Any]:
+    """(name or position, pixels or None, failure reason or None, label or None) -> one batch."""
+    ok = [x for _, x, _, _ in items if x is not None]
+    return {
+        "count": len(items),
+        "images": torch.stack(ok) if ok else None,  # (k, 3, R, R) float32 in [-1, 1]
+        "names": [n for n, x, _, _ in items if x is not None],
+        "labels": [label for _, x, _, label in items if x is not None],
+        "failed": [(n, reason) for n, x, reason, _ in items if x is None],
     }
 
 
@@ -399,8 +482,20 @@ def encode_latents(
     shard_size: int = 256,
     accelerator: Accelerator | None = None,
     cpu_threads: int | None = None,
+    data_files: Any = None,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> dict[str, Any]:
-    """Encode an image folder (or the demo photos) into a latent cache at ``out``.
+    """Encode an image folder, the demo photos or a ``datasets`` source into a latent cache at ``out``.
+
+    ``data="hf:DATASET"`` (a Hub name, a folder, a builder, or ``hf:`` alone with
+    ``data_files``) reads a Hugging Face dataset as a stream (``open_hf_source``): cache
+    shard k holds input shard k (a tar, a parquet file) in its order, each row centre
+    cropped exactly as a folder's image; ``shard_size`` is then unused. Input shards are
+    dealt to ranks, and within a rank to DataLoader workers, whole. ``index.json``
+    records the source (``data``: builder, split, columns, resolved files) and each row
+    as ``TAR#KEY`` (WebDataset) or the image's path.
 
     Every process of an Accelerate launch calls this. Every process lists the sources,
     hashes the VAE and checks an existing ``manifest.json`` against them (so all raise
@@ -432,6 +527,8 @@ def encode_latents(
         accelerator: an existing ``Accelerator``; by default one is built
             (``autoencoderkl.run.build_accelerator``: gloo group on CPU under torchrun).
         cpu_threads: intra-op threads per process on CPU; None: the cores / processes.
+        data_files, split, image_column, label_column: for ``hf:`` sources only, as
+            ``open_hf_source``.
     Returns:
         The index dict (as written to ``index.json``), on every process.
     Raises:
@@ -455,18 +552,26 @@ def encode_latents(
     # Plan: every rank computes it (read-only), so every rank raises the same errors.
     vae = load_vae(vae_path)
     latent_shape = _latent_shape(vae, resolution)
-    sources, labels, classes = list_sources(data, resolution)
-    names = [s.name() for s in sources]
+    if str(data).startswith("hf:"):
+        sources = open_hf_source(str(data)[3:], data_files, split, image_column, label_column)
+        labels, classes, names, identity = None, sources.classes, sources.sources, sources.identity
+        shard_size, num_shards = None, len(names)  # one cache shard per input shard
+    else:
+        sources, labels, classes = list_sources(data, resolution)
+        names = [s.name() for s in sources]
+        identity = "demo" if str(data) == "demo" else str(Path(data).resolve())
+        num_shards = (len(sources) + shard_size - 1) // shard_size
     plan = {
         "format_version": FORMAT_VERSION,
-        "settings": {"data": "demo" if str(data) == "demo" else str(Path(data).resolve()),
-                     "resolution": resolution, "hflip": hflip, "dtype": dtype, "shard_size": shard_size},
+        "settings": {"data": identity, "resolution": resolution, "hflip": hflip, "dtype": dtype,
+                     "shard_size": shard_size},
         "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(Path(vae_path).resolve())},
         "latent_shape": list(latent_shape),
-        "num_shards": (len(sources) + shard_size - 1) // shard_size,
+        "num_shards": num_shards,
         "sources": names,
         "labels": labels,
         "classes": classes,
+        **({"label_column": label_column} if isinstance(sources, HFSource) else {}),
     }
     plan["plan_sha256"] = hashlib.sha256(
         json.dumps({k: v for k, v in plan.items() if k != "vae"} | {"vae": plan["vae"]["sha256"]}, sort_keys=True).encode()
@@ -507,7 +612,7 @@ def encode_latents(
 
 def _encode_shards(
     vae: AutoencoderKL,
-    sources: list[Source],
+    sources: list[Source] | HFSource,
     labels: list[int] | None,
     shards: list[int],
     out: Path,
@@ -516,71 +621,110 @@ def _encode_shards(
     batch_size: int,
     num_workers: int,
 ) -> None:
-    """Encode the given shards on this rank (the loop of ``encode_latents``)."""
+    """Encode the given shards on this rank (the loop of ``encode_latents``).
+
+    Batches never straddle a shard, so a shard's content (and its float rounding)
+    depends only on its sources and the batch size, not on the rank or the run.
+    """
     settings = plan["settings"]
-    resolution, hflip, shard_size = settings["resolution"], settings["hflip"], settings["shard_size"]
-    device = accelerator.device
-    vae = vae.to(device).eval().requires_grad_(False)
+    resolution, shard_size = settings["resolution"], settings["shard_size"]
+    pin = accelerator.device.type == "cuda"
+    if isinstance(sources, HFSource):
+        workers = min(num_workers, len(shards))
+        loader = DataLoader(_HFShardImages(sources, shards, resolution, batch_size), batch_size=None,
+                            num_workers=workers, pin_memory=pin, prefetch_factor=4 if workers else None)
+        _encode_loop(vae, loader, shards, out, plan, accelerator, total=None)
+        return
     n = len(sources)
     ranges = {k: (k * shard_size, min((k + 1) * shard_size, n)) for k in shards}
-    # Batches never straddle a shard, so a shard's content (and its float rounding)
-    # depends only on its range and the batch size, not on the rank or the run.
-    batches = [list(range(b, min(b + batch_size, stop))) for start, stop in (ranges[k] for k in shards)
-               for b in range(start, stop, batch_size)]
-    loader = DataLoader(
-        _SourceImages(sources, resolution),
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None,
-    )
+    positions = [list(range(b, min(b + batch_size, stop))) for start, stop in (ranges[k] for k in shards)
+                 for b in range(start, stop, batch_size)]
+    loader = DataLoader(_SourceImages(sources, resolution), batch_sampler=positions, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=pin, prefetch_factor=4 if num_workers else None)
+
+    def batches() -> Any:
+        for batch in loader:
+            k = batch["positions"][0] // shard_size
+            good = [p for p, ok in zip(batch["positions"], batch["ok"]) if ok]
+            yield {"shard": k, "last": batch["positions"][-1] == ranges[k][1] - 1, "count": len(batch["positions"]),
+                   "images": batch["images"], "names": good, "labels": [labels[p] for p in good] if labels else [],
+                   "failed": batch["failed"]}
+
+    _encode_loop(vae, batches(), shards, out, plan, accelerator, total=sum(b - a for a, b in ranges.values()),
+                 ranges=ranges, describe=lambda pos: sources[pos].name())
+
+
+def _encode_loop(
+    vae: AutoencoderKL,
+    batches: Any,
+    shards: list[int],
+    out: Path,
+    plan: dict[str, Any],
+    accelerator: Accelerator,
+    total: int | None,
+    ranges: dict[int, tuple[int, int]] | None = None,
+    describe: Any = str,
+) -> None:
+    """Encode ``batches`` (dicts of ``_batch_of`` plus ``shard`` and ``last``) and write each shard when it ends.
+
+    Args:
+        ranges: folder sources: each shard's ``(start, stop)`` in the manifest (its
+            metadata records positions); None for ``HFSource``, whose shards record the
+            names of their rows instead (``names``).
+        describe: a failed item's name or position -> how warnings name it.
+    """
+    settings = plan["settings"]
+    hflip, device = settings["hflip"], accelerator.device
+    vae = vae.to(device).eval().requires_grad_(False)
     writer = _ShardWriter(out, DTYPES[settings["dtype"]], plan["plan_sha256"])
     views = 2 if hflip else 1
+    labelled = plan["labels"] is not None or plan.get("label_column") is not None
     c, h, w = plan["latent_shape"]
-    total = sum(stop - start for start, stop in ranges.values())
     progress = tqdm(total=total, unit="img", desc=f"encode rank {accelerator.process_index}/{accelerator.num_processes}",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    parts: dict[str, list[Tensor]] = {"mean": [], "std": [], "label": []}
-    skipped: list[tuple[int, str]] = []
-    warned = 0
+    parts: dict[int, dict[str, list[Any]]] = {}  # shard -> its pieces so far (workers may interleave shards)
+    skipped = seen = 0
     try:
-        for batch in loader:
-            positions = batch["positions"]
-            shard = positions[0] // shard_size
+        for batch in batches:
+            k = batch["shard"]
+            part = parts.setdefault(k, {"mean": [], "std": [], "label": [], "names": [], "skipped": []})
             if batch["images"] is not None:
                 mean, std = encode_batch(vae, batch["images"].to(device, non_blocking=True), hflip)
-                parts["mean"].append(mean.cpu())
-                parts["std"].append(std.cpu())
-                if labels is not None:
-                    ok = [labels[p] for p, good in zip(positions, batch["ok"]) if good]
-                    parts["label"].append(torch.tensor(ok, dtype=torch.int64).repeat_interleave(views))
-            for pos, reason in batch["failed"]:
-                skipped.append((pos, reason))
-                if warned < _MAX_NAMED_WARNINGS:
-                    warnings.warn(f"skipping {sources[pos].name()}: {reason}", UnreadableImageWarning, stacklevel=2)
-                warned += 1
-            progress.update(len(positions))
+                part["mean"].append(mean.cpu())
+                part["std"].append(std.cpu())
+                part["names"] += batch["names"]
+                if labelled:
+                    part["label"].append(torch.tensor(batch["labels"], dtype=torch.int64).repeat_interleave(views))
+            for name, reason in batch["failed"]:
+                part["skipped"].append((name, reason))
+                if skipped < _MAX_NAMED_WARNINGS:
+                    warnings.warn(f"skipping {describe(name)}: {reason}", UnreadableImageWarning, stacklevel=2)
+                skipped += 1
+            seen += batch["count"]
+            progress.update(batch["count"])
             if skipped:
-                progress.set_postfix(skipped=len(skipped), refresh=False)
-            start, stop = ranges[shard]
-            if positions[-1] == stop - 1:  # the shard's last batch
-                empty = torch.empty((0, c, h, w))
-                tensors = {
-                    "mean": torch.cat(parts["mean"]) if parts["mean"] else empty,
-                    "std": torch.cat(parts["std"]) if parts["std"] else empty,
-                }
-                if labels is not None:
-                    tensors["label"] = torch.cat(parts["label"]) if parts["label"] else torch.empty(0, dtype=torch.int64)
-                shard_skipped = [(p, r) for p, r in skipped if start <= p < stop]
-                writer.put(shard, tensors, {"shard": shard, "start": start, "stop": stop, "skipped": shard_skipped})
-                parts = {"mean": [], "std": [], "label": []}
+                progress.set_postfix(skipped=skipped, refresh=False)
+            if not batch["last"]:
+                continue
+            part = parts.pop(k)
+            empty = torch.empty((0, c, h, w))
+            tensors = {"mean": torch.cat(part["mean"]) if part["mean"] else empty,
+                       "std": torch.cat(part["std"]) if part["std"] else empty}
+            if labelled:
+                tensors["label"] = torch.cat(part["label"]) if part["label"] else torch.empty(0, dtype=torch.int64)
+            meta: dict[str, Any] = {"shard": k, "skipped": part["skipped"]}
+            if ranges is not None:
+                meta.update(start=ranges[k][0], stop=ranges[k][1])
+            else:
+                meta.update(names=part["names"], source=plan["sources"][k],
+                            max_label=int(tensors["label"].max()) if labelled and len(tensors["label"]) else -1)
+            writer.put(k, tensors, meta)
     finally:
         progress.close()
         writer.close()
     if skipped:
         warnings.warn(
-            f"rank {accelerator.process_index}: skipped {len(skipped)} of {total} images: not readable "
+            f"rank {accelerator.process_index}: skipped {skipped} of {seen} images: not readable "
             f"(named in index.json 'skipped')", UnreadableImageWarning, stacklevel=2,
         )
 
@@ -607,7 +751,7 @@ def _build_index(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     paths: list[str] = []
     shards: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    count = 0
+    count = position = max_label = 0
     sums = {k: np.zeros(channels) for k in ("sum_mean", "sum_mean_sq", "sum_var")}
     for k in range(plan["num_shards"]):
         path = out / SHARD_TEMPLATE.format(k)
@@ -616,10 +760,17 @@ def _build_index(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
         meta = _read_shard_meta(path)
         if meta["plan_sha256"] != plan["plan_sha256"]:
             raise ValueError(f"{path} belongs to another cache (plan {meta['plan_sha256'][:12]}); delete it and rerun")
-        bad = {pos for pos, _ in meta["skipped"]}
-        kept = [plan["sources"][p] for p in range(meta["start"], meta["stop"]) if p not in bad]
+        if "names" in meta:  # a datasets source: the shard names its rows; positions count rows in cache order
+            kept, named = meta["names"], meta["skipped"]
+            meta["start"] = position
+            meta["stop"] = position = position + len(kept) + len(named)
+            max_label = max(max_label, meta["max_label"])
+        else:
+            bad = {pos for pos, _ in meta["skipped"]}
+            kept = [plan["sources"][p] for p in range(meta["start"], meta["stop"]) if p not in bad]
+            named = [(plan["sources"][p], reason) for p, reason in meta["skipped"]]
         paths += kept
-        skipped += [{"path": plan["sources"][p], "reason": reason} for p, reason in meta["skipped"]]
+        skipped += [{"path": name, "reason": reason} for name, reason in named]
         shards.append({"file": path.name, "num_latents": len(kept) * views, "start": meta["start"], "stop": meta["stop"]})
         count += meta["sums"]["count"]
         for key in sums:
@@ -659,4 +810,6 @@ def _build_index(out: Path, plan: dict[str, Any]) -> dict[str, Any]:
     }
     if labels is not None:
         index["classes"] = plan["classes"]
+    elif plan.get("label_column"):  # names from a ClassLabel, else the integers up to the largest label
+        index["classes"] = plan["classes"] or [str(i) for i in range(max_label + 1)]
     return index

@@ -56,6 +56,11 @@ torch.cuda.max_memory_allocated on CUDA.
   image files are read once first (page cache), and two batches go through the VAE as
   warm-up; the two cases alternate repeat by repeat, so a load that comes and goes (a
   shared machine) hits both alike.
+--shards (with --what train_vae or encode, and --data FOLDER): the folder's images are
+  also written as WebDataset tar shards (make_shards, untimed) and read as a stream
+  (data.source=hf, shuffle_buffer 0; encode: --data hf:webdataset); the two run side by
+  side (train_vae: cases "folder" and "shards" in alternating rounds; encode: alternating
+  repeats) and the table gives shards / folder.
 --what startup: seconds (and microseconds per file) that building the stage-1 training
   data costs each rank before the first step: list_images on the folder, the header
   check of every file that ImageFolder(train=True) construction used to do, that
@@ -167,8 +172,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc = parser.add_argument_group("data and models (the --what each applies to is named)")
     enc.add_argument("--vae", help="encode, train_ldm (its cache), vae_tiling: AutoencoderKL folder (default: a random one "
                                     "shaped like configs/autoencoderkl/demo.yaml)")
-    enc.add_argument("--data", default="demo", help="encode, train_ldm (its cache), startup: image folder, or 'demo' "
-                                                    "(default: demo; startup: synthetic files)")
+    enc.add_argument("--data", default="demo", help="encode, train_ldm (its cache), startup, train_vae: image folder, or "
+                                                    "'demo' (default: demo; startup: synthetic files; train_vae: the "
+                                                    "config's data)")
+    enc.add_argument("--shards", action="store_true",
+                     help="train_vae, encode: also the same images as WebDataset shards (make_shards, untimed), "
+                          "streamed through datasets side by side with the folder; reports shards / folder")
     enc.add_argument("--num-images", type=int, help="encode, startup: only the first N images of --data (default: all; "
                                                      "startup's synthetic files: 100000)")
     enc.add_argument("--hflip", action="store_true", help="encode: also encode mirror views")

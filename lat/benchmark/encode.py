@@ -71,7 +71,25 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 
     device = str(accelerator.device)
     flops_per_image = count_flops(lambda: encode_batch(vae, batch, args.hflip)) // batch_size  # mirrors included
-    cases, peaks = track_memory({"end_to_end": end_to_end, "pure_encode": pure_encode}, device)
+    timed = {"end_to_end": end_to_end, "pure_encode": pure_encode}
+    if args.shards:  # the same images as WebDataset shards, streamed: one cache shard per tar
+        from autoencoderkl.shards import make_shards
+
+        if data == "demo":
+            raise ValueError("--shards needs --data FOLDER (the images to shard)")
+        make_shards(data, scratch / "shards", shard_size=args.shard_size)
+        tars = [str(scratch / "shards" / "train-*.tar")]
+
+        def end_to_end_shards() -> int:
+            out = scratch / f"cache-{next(runs)}"
+            index = encode_latents(vae_path, "hf:webdataset", out, resolution=resolution, hflip=args.hflip,
+                                   batch_size=batch_size, dtype=args.dtype, num_workers=args.num_workers,
+                                   accelerator=accelerator, cpu_threads=threads, data_files=tars)
+            shutil.rmtree(out)
+            return len(index["paths"]) + index["num_skipped"]
+
+        timed = {"end_to_end": end_to_end, "end_to_end_shards": end_to_end_shards, "pure_encode": pure_encode}
+    cases, peaks = track_memory(timed, device)
     load_before = load_average()
     results = measure(cases, args.repeats, warmup, args.warmup)
     for name, r in results.items():
@@ -83,6 +101,10 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
           f"latents stored as {args.dtype}:")
     print(f"  end to end (files -> workers -> VAE -> shards)  {rate(results['end_to_end'])}")
     print(f"  pure vae.encode on in-memory tensors            {rate(results['pure_encode'])}")
+    if args.shards:
+        shard_ratio = results["end_to_end_shards"]["items_per_s"] / results["end_to_end"]["items_per_s"]
+        print(f"  end to end from WebDataset shards (streamed)    {rate(results['end_to_end_shards'])}")
+        print(f"  shards / folder = {shard_ratio:.3f}")
     print(f"  end to end / pure = {ratio:.3f}; 1-min load average {load_before} before, {load_average()} after "
           f"(other programs on these cores skew both)")
     print_table(f"encode: {n} images at {resolution}x{resolution}, batch {batch_size}", results, "pure_encode")
@@ -94,6 +116,8 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                      "warmup": args.warmup, "repeats": args.repeats},
         "results": results,
         "end_to_end_over_pure": ratio,
+        **({"shards_over_folder": results["end_to_end_shards"]["items_per_s"] / results["end_to_end"]["items_per_s"]}
+           if args.shards else {}),
         "flops": {"per_image": flops_per_image},
     }
 

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from autoencoderkl.data import list_images
+
 from .harness import (STAGE1_DEMO, STAGE1_OPTIMIZED, STAGE1_SWITCHES, count_flops, cpu_seconds, default_device,
                       environment, load_average, peak_memory, plan_cases, print_table, run_training_cases,
                       window_rates)
@@ -93,6 +95,31 @@ def _vae_step_flops(cfg: Any, vae: Any, discriminator: Any) -> dict[str, Any]:
             "batch": b, "global_step": step, "shared_backward": shared_backward}
 
 
+def folder_and_shard_cases(args: argparse.Namespace, optimized: list[str], scratch: Path, load: Any,
+                           config: str) -> tuple[dict[str, list[str]], str]:
+    """--shards: the optimized case on ``--data`` as a folder, and on the same images as streamed shards.
+
+    The shards (``make_shards``, untimed) hold every image of the folder; both cases take
+    their validation images from the folder itself (validation runs only at the end) and
+    the same ``data.num_workers``; the stream reads with ``data.shuffle_buffer`` 0.
+    """
+    from autoencoderkl.shards import make_shards
+
+    if args.data == "demo":
+        raise ValueError("--shards needs --data FOLDER (the images to shard)")
+    folder = str(Path(args.data).resolve())
+    workers = load(config, optimized).data.num_workers
+    shard_size = max(1, -(-len(list_images(folder)) // max(4, 2 * workers)))  # >= 2 shards per worker
+    make_shards(folder, scratch / "shards", shard_size=shard_size)
+    shards = ["data.source=hf", "data.dataset=webdataset", f"data.data_files={scratch / 'shards'}/train-*.tar",
+              f"data.val_dir={folder}", "data.shuffle_buffer=0"]
+    cases = {"folder": optimized, "shards": optimized + shards}
+    for overrides in cases.values():
+        load(config, overrides)
+    return cases, (f"--shards: {folder} as a folder (data.source=folder) and as {shard_size}-image WebDataset shards "
+                   f"streamed with data.shuffle_buffer=0, same data.num_workers={workers}")
+
+
 def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """The real stage-1 training step: optimized (and baseline, ablations), one process each."""
     from autoencoderkl.config import VAEConfig, load_config
@@ -118,17 +145,24 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     if args.batch_size:
         common.append(f"data.batch_size={args.batch_size}")
     device = default_device()
-    cases, info = plan_cases(load_config, VAEConfig, config, device, STAGE1_SWITCHES, STAGE1_OPTIMIZED, common,
-                             args.set, args.baseline, args.ablate)
+    if args.data != "demo":  # a folder: data.source=folder over it (with --shards: against its shards)
+        common += [f"data.train_dir={Path(args.data).resolve()}", "data.cache_images=false"]
+    cases, info = plan_cases(load_config, VAEConfig, config, device, STAGE1_SWITCHES, STAGE1_OPTIMIZED,
+                             common + (["data.source=folder"] if args.data != "demo" else []), args.set,
+                             args.baseline, args.ablate)
+    if args.shards:
+        cases, note = folder_and_shard_cases(args, cases["optimized"], scratch, load_config, config)
+        notes.append(note)
     load_before = load_average()
     results = run_training_cases(cases, "train_vae", config, args.warmup, scratch, "img", args.rounds)
-    opt = results["optimized"]
-    cfg = load_config(config, cases["optimized"])
+    first = next(iter(cases))  # "optimized", or "folder" with --shards
+    opt = results[first]
+    cfg = load_config(config, cases[first])
     title = (f"train_vae: {Path(config).name}, {cfg.data.resolution}x{cfg.data.resolution}, batch {cfg.data.batch_size}, "
              f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} x {args.rounds} windows of {steps} "
              f"steps after "
              f"{args.warmup} warm-up window(s)")
-    speedups = print_table(title, results, "baseline" if args.baseline else None)
+    speedups = print_table(title, results, "folder" if args.shards else "baseline" if args.baseline else None)
     return {
         "environment": {**environment(opt["device"], opt["dtype"], opt["threads"]), "load_average_before": load_before},
         "settings": {"config": config, "steps_per_window": steps, "warmup_windows": args.warmup,
@@ -138,6 +172,6 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         **info,
         "notes": notes,
         "cases": results,
-        "speedup_over_baseline": speedups,
+        ("speedup_over_folder" if args.shards else "speedup_over_baseline"): speedups,
     }
 

@@ -1,0 +1,1 @@
+"""The ``lat`` commands: one module per command, each exposing ``main(argv=None)``."""
