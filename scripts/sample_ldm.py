@@ -4,6 +4,7 @@
   python scripts/sample_ldm.py --model runs/ldm-demo/pipeline --num-images 16 --guidance-scale 2 --out runs/samples-demo
   python scripts/sample_ldm.py --model runs/my-ldm/pipeline --num-images 10000 --scheduler dpm --steps 25 \\
       --class-label 3 --guidance-scale 2 --batch-size 250 --out fid/ldm
+  python scripts/sample_ldm.py --model runs/ldm-flow/pipeline --num-images 16 --scheduler flow_heun --steps 25 --out s
 
 Writes OUT/000000.png ... (one per image), OUT/grid.png (the first 64) and
 OUT/sampling.json (the settings). Image i of seed S draws its noise from its own
@@ -34,9 +35,11 @@ def parse_args(argv=None):
     parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
     parser.add_argument("--out", required=True, help="folder for the PNGs (created)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddim",
-                        help="ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) or euler; made from the "
-                             "pipeline's scheduler config (default ddim)")
+    parser.add_argument("--scheduler", choices=SAMPLERS,
+                        help="for epsilon/v_prediction models ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) "
+                             "or euler; for flow models flow_euler or flow_heun; made from the pipeline's scheduler "
+                             "config (default: ddim, or flow_euler for a flow model)")
+    parser.add_argument("--shift", type=float, help="flow samplers only: the timestep shift (default: the saved one)")
     parser.add_argument("--class-label", type=class_label, default="cycle", metavar="K|cycle|none",
                         help="class K for every image; cycle: image i gets class i %% K (default); none: "
                              "unconditional (the null class). An unconditional model takes only cycle or none")
@@ -55,7 +58,7 @@ def main(argv=None):
     try:
         result = sample(args.model, args.out, args.num_images, steps=args.steps, scheduler=args.scheduler,
                         class_label=args.class_label, guidance_scale=args.guidance_scale, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device)
+                        batch_size=args.batch_size, device=args.device, shift=args.shift)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"wrote {len(result['paths'])} images ({result['images_per_sec']:.2f} images/s) and {result['grid']}")

@@ -1,0 +1,1 @@
+"""One module per command (``main(argv=None)``); ``scripts/<name>.py`` are thin wrappers around them."""
