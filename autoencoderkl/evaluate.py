@@ -203,11 +203,21 @@ def find_inception_weights(mode: str = "auto", weights: PathLike | None = None) 
         return None, (f"InceptionV3 weights '{INCEPTION_FILE}' not found at {path}; no download is attempted. "
                       f"Fetch {INCEPTION_URL} on a machine with the network and put it there "
                       f"(or pass its path with --inception-weights)")
+    problem = not_tensors_only(path)
+    return (None, problem) if problem else (path, f"InceptionV3 weights {path}")
+
+
+def not_tensors_only(path: PathLike) -> str | None:
+    """None if ``torch.load(path, weights_only=True)`` reads the file, else why not.
+
+    Checked before handing a weights file to code that unpickles it in full
+    (torch-fidelity, torch.hub), so a file holding pickled objects is never executed.
+    """
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, a truncated file, ...
-        return None, f"cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}"
-    return path, f"InceptionV3 weights {path}"
+        return f"cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
 
 
 def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.Module | None, str]:

@@ -50,6 +50,7 @@ from autoencoderkl.evaluate import (
     _png_bytes,
     find_inception_weights,
     load_eval_image,
+    not_tensors_only,
     select_images,
     worst_grid,
     write_json,
@@ -324,10 +325,9 @@ def build_dinov2(mode: str = "auto") -> tuple[nn.Module | None, str]:
                       f"no download is attempted. On a machine with the network run python -c \"import torch; "
                       f"torch.hub.load('facebookresearch/dinov2', '{DINOV2_MODEL}')\" and copy {repo.parent} here "
                       f"(or set TORCH_HOME)")
-    try:
-        torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, a truncated file, ...
-        return None, f"cannot load {weights} with torch.load(weights_only=True): {type(exc).__name__}"
+    problem = not_tensors_only(weights)
+    if problem:
+        return None, problem
     backbone = torch.hub.load(str(repo), DINOV2_MODEL, source="local")  # reads the cached weights
     return DinoV2Features(backbone), f"DINOv2 {DINOV2_MODEL} CLS features from {repo} and {weights}"
 

@@ -15,17 +15,8 @@ generator seeded (S, i): the same --seed gives the same files (with another
 import argparse
 import sys
 
+from lat.commands.args import class_label
 from latent_diffusion.model import SAMPLERS
-
-
-def class_label(text: str):
-    """An integer class, or 'cycle' / 'none'."""
-    if text in ("cycle", "none"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer class, 'cycle' or 'none', got {text!r}") from None
 
 
 def parse_args(argv=None):

@@ -23,17 +23,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lat.commands.args import class_label
 from latent_diffusion.config import SAMPLERS  # light: no torch or diffusers import
-
-
-def class_label(text: str):
-    """An integer class, or 'cycle' / 'none'."""
-    if text in ("cycle", "none"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer class, 'cycle' or 'none', got {text!r}") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
