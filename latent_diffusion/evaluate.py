@@ -24,6 +24,8 @@ and the memorisation check need nothing but the pipeline's own VAE.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -80,28 +82,27 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ---- Frechet distance ----------------------------------------------------------------
 
 
-def gaussian_statistics(features: Union[Tensor, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of (N, D) features, float64, covariance with N - 1.
-
-    The estimator pytorch-fid, torch-fidelity and clean-fid use (``np.cov(rowvar=False)``).
-
-    Raises:
-        ValueError: fewer than 2 rows, or not 2-D.
-    """
+def _centred(features: Union[Tensor, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and X_c = (x - mean) / sqrt(N - 1), float64: cov = X_c^T X_c."""
     x = features.detach().cpu().double().numpy() if isinstance(features, Tensor) else np.asarray(features, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(f"need (N >= 2, D) features for a mean and covariance, got shape {x.shape}")
-    return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
+    mean = x.mean(axis=0)
+    return mean, (x - mean) / math.sqrt(len(x) - 1)
 
 
 def frechet_distance(a: Union[Tensor, np.ndarray], b: Union[Tensor, np.ndarray]) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (Dowson & Landau 1982).
 
     FD = ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the formula of FID (Heusel
-    et al. 2017) applied to any features. Tr((S_a S_b)^(1/2)) is computed as the sum of
-    the square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2): a symmetric PSD
-    matrix with the same eigenvalues as S_a S_b, so no complex round-off appears (the
-    eigenvalues are clipped at 0) and singular covariances (N <= D) are fine.
+    et al. 2017) applied to any features, with the covariance estimator pytorch-fid,
+    torch-fidelity and clean-fid use (N - 1). Tr((S_a S_b)^(1/2)) is the sum of the square
+    roots of the eigenvalues of S_a S_b, computed without a general matrix square root:
+    with S_a = A^T A and S_b = B^T B (A, B the centred features / sqrt(N - 1)), those
+    eigenvalues are the squared singular values of A B^T, so the trace is its nuclear
+    norm (used when both N < D: an N_a x N_b problem), or the eigenvalues of the symmetric
+    PSD S_a^(1/2) S_b S_a^(1/2) (otherwise: D x D). Both are exact; neither produces the
+    complex round-off of ``scipy.linalg.sqrtm``, and singular covariances are fine.
 
     Args:
         a: (N_a, D) features, N_a >= 2; a tensor or array, any float dtype.
@@ -112,16 +113,20 @@ def frechet_distance(a: Union[Tensor, np.ndarray], b: Union[Tensor, np.ndarray])
     Raises:
         ValueError: fewer than 2 rows, or different D.
     """
-    mu_a, s_a = gaussian_statistics(a)
-    mu_b, s_b = gaussian_statistics(b)
+    mu_a, x_a = _centred(a)
+    mu_b, x_b = _centred(b)
     if mu_a.shape != mu_b.shape:
         raise ValueError(f"feature dimensions differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S_a^(1/2), symmetric
-    m = root_a @ s_b @ root_a
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    if max(len(x_a), len(x_b)) < len(mu_a):
+        tr_covmean = np.linalg.svd(x_a @ x_b.T, compute_uv=False).sum()
+    else:
+        s_a, s_b = x_a.T @ x_a, x_b.T @ x_b  # (D, D) covariances
+        w, v = np.linalg.eigh(s_a)
+        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # S_a^(1/2), symmetric
+        m = root_a @ s_b @ root_a
+        tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
     diff = mu_a - mu_b
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * tr_covmean)
+    return float(diff @ diff + (x_a**2).sum() + (x_b**2).sum() - 2 * tr_covmean)
 
 
 # ---- image sets ----------------------------------------------------------------------
@@ -432,7 +437,9 @@ def memorisation(
         mean, max) ``samples_to_train``, ``baseline_to_train``, ``copy_floor``;
         ``median_ratio`` = median(samples) / median(baseline) (about 1: as far from the
         training set as new images; towards median(floor) / median(baseline): copies);
-        ``fraction_below_baseline_p05`` (about 0.05 for new images); ``near_copies``.
+        ``fraction_below_baseline_p05`` (about 0.05 for new images); ``copy_cutoff`` (the
+        floor's 95th percentile) and ``near_copies`` (None where it is not below the
+        baseline's 5th percentile).
     """
     dist, idx = nearest_neighbours(samples, train)
     base, _ = nearest_neighbours(baseline, train, exclude_same_index=leave_one_out)
@@ -440,7 +447,7 @@ def memorisation(
     return {"nn_distance": dist.tolist(), "nn_index": idx.tolist(),
             "samples_to_train": _summary(dist), "baseline_to_train": _summary(base), "copy_floor": _summary(floor),
             "median_ratio": float(dist.median() / base.median()) if base.median() > 0 else math.inf,
-            "fraction_below_baseline_p05": float((dist < base_p05).double().mean()),
+            "fraction_below_baseline_p05": float((dist < base_p05).double().mean()), "copy_cutoff": floor_p95,
             "near_copies": int((dist <= floor_p95).sum()) if floor_p95 < base_p05 else None}
 
 
@@ -455,6 +462,22 @@ def _versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _nearest_csv(samples: Sequence[str], train: Sequence[str], mem: dict[str, dict[str, Any]]) -> bytes:
+    """One row per sample: its nearest reference image and distance in each space, and the near-copy flags."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["sample", "pixel_nearest", "pixel_rms", "pixel_near_copy", "latent_nearest", "latent_rms",
+                     "latent_near_copy"])
+    px, lat = mem["pixel"], mem["latent"]
+    for i, name in enumerate(samples):
+        row = [name]
+        for m in (px, lat):
+            d = m["nn_distance"][i]
+            row += [train[m["nn_index"][i]], f"{d:.6g}", "" if m["near_copies"] is None else int(d <= m["copy_cutoff"])]
+        writer.writerow(row)
+    return buf.getvalue().encode()
 
 
 def _flat_pixels(images: Tensor) -> Tensor:
@@ -495,8 +518,9 @@ def evaluate_ldm(
     sample size, [0, 1]) and latent space, with a PNG of the ``CLOSEST_N`` samples
     nearest a training image (sample | training image | |difference| x 4).
 
-    Files: ``out`` (report JSON), ``<stem>_closest8.png`` beside it, and, when
-    generating, the PNGs in ``<stem>_samples/`` (``sample_ldm``'s files).
+    Files: ``out`` (report JSON); beside it ``<stem>_closest8.png``, ``<stem>_nearest.csv``
+    (per sample: the nearest reference image and distance in each space, near-copy
+    flags) and, when generating, ``<stem>_samples/`` (``sample_ldm``'s PNGs).
 
     Args:
         model: a pipeline folder, a run's output dir, or a loaded pipeline.
@@ -544,8 +568,8 @@ def evaluate_ldm(
                         guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=dev,
                         progress=progress, shift=shift)
         gen = load_samples(samples_dir, resolution, result["paths"])
-        sampling = {"generated": True, "folder": str(samples_dir), "seconds": round(result["seconds"], 2),
-                    **result["settings"]}
+        settings = {k: v for k, v in result["settings"].items() if k != "model"}  # the model is in report["model"]
+        sampling = {"generated": True, "folder": str(samples_dir), "seconds": round(result["seconds"], 2), **settings}
     else:
         gen = load_samples(samples, resolution)
         sampling = {"generated": False, "folder": str(samples), "resized": gen["resized"],
@@ -595,10 +619,12 @@ def evaluate_ldm(
         closest.append({"sample": gen["names"][i], "train": ref["names"][j], "train_index": j,
                         "pixel_rms": px["nn_distance"][i], "latent_rms": mem["latent"]["nn_distance"][i],
                         "latent_nn_is_same_image": mem["latent"]["nn_index"][i] == j})
-        rows.append((f"{gen['names'][i]} ~ {Path(ref['names'][j]).name}  RMS {px['nn_distance'][i]:.3f}",
+        rows.append((f"{Path(gen['names'][i]).stem} ~ {Path(ref['names'][j]).name}: {px['nn_distance'][i]:.3f}",
                      gen["images"][i].permute(1, 2, 0).numpy(), ref["images"][j].permute(1, 2, 0).numpy()))
     closest_png = out.with_name(f"{out.stem}_closest{CLOSEST_N}.png")
     write_atomic(closest_png, _png_bytes(worst_grid(rows)))
+    nearest_csv = out.with_name(f"{out.stem}_nearest.csv")
+    write_atomic(nearest_csv, _nearest_csv(gen["names"], ref["names"], mem))
     for space in mem.values():  # per-sample lists stay out of the summary report
         space.pop("nn_distance"), space.pop("nn_index")
 
@@ -617,7 +643,7 @@ def evaluate_ldm(
         **report_fid,
         "fd_dinov2": fd_dinov2,
         "latent_fd": latent_fd,
-        "memorisation": {**mem, "closest": closest, "closest_png": str(closest_png)},
+        "memorisation": {**mem, "closest": closest, "closest_png": str(closest_png), "nearest_csv": str(nearest_csv)},
         "notes": {
             **notes,
             "latent_fd": (f"Frechet distance of the pipeline VAE's posterior means ((z - shift) * scaling_factor, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -39,6 +40,9 @@ def test_frechet_distance_matches_a_direct_scipy_computation():
     assert frechet_distance(a, b) == pytest.approx(scipy_fd(a, b), rel=1e-9)
     assert frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float()) == pytest.approx(
         scipy_fd(a, b), rel=1e-5)
+    # Fewer samples than dimensions (the nuclear-norm route): scipy agrees on the singular case too.
+    c, d = rng.normal(size=(10, 32)) @ rng.normal(size=(32, 32)), rng.normal(size=(12, 32)) + 0.5
+    assert frechet_distance(c, d) == pytest.approx(scipy_fd(c, d), rel=1e-6)
     with pytest.raises(ValueError, match="feature dimensions differ: 16 vs 8"):
         frechet_distance(a, b[:, :8])
     with pytest.raises(ValueError, match=r"need \(N >= 2, D\) features"):
@@ -85,7 +89,10 @@ def test_memorisation_finds_a_planted_copy_of_a_training_image(setup, tmp_path):
     for space in ("pixel", "latent"):  # (the yardsticks of a random VAE mean nothing: see the next test)
         assert mem[space]["samples_to_train"]["min"] < 1e-5 < mem[space]["samples_to_train"]["p05"]
         assert set(mem[space]) == {"samples_to_train", "baseline_to_train", "copy_floor", "median_ratio",
-                                   "fraction_below_baseline_p05", "near_copies"}
+                                   "fraction_below_baseline_p05", "copy_cutoff", "near_copies"}
+    rows = list(csv.DictReader(open(tmp_path / "r_nearest.csv")))
+    assert [r["sample"] for r in rows] == [f"{i:06d}.png" for i in range(6)]
+    assert rows[5]["pixel_nearest"] == train["names"][6] and float(rows[5]["pixel_rms"]) == 0
     assert report["samples"]["num_images"] == 6 and report["reference"]["num_images"] == 10
     assert report["reference"]["kind"] == "folder" and "leave-one-out" in report["notes"]["memorisation"]
     assert report["fid"] == "unavailable" and report["notes"]["inception"] == "not computed (fid=off)"
@@ -157,7 +164,8 @@ def test_eval_ldm_command_generates_samples_against_a_latent_cache(setup, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json", "report_closest8.png", "report_samples"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json", "report_closest8.png", "report_nearest.csv",
+                                                            "report_samples"]
     assert report["samples"]["num_images"] == 4 and report["samples"]["seed"] == 3
     assert report["samples"]["scheduler"] == "FlowMatchHeunDiscreteScheduler" and report["samples"]["guidance_scale"] == 2
     assert report["reference"] == {**report["reference"], "kind": "latent_cache", "num_images": 10}

@@ -14,7 +14,7 @@ always the latent FD (the pipeline VAE's posterior means of both sets: a sanity 
 and a memorisation check (each sample's nearest reference image in pixels and in latent
 space, against held-out images or leave-one-out within the reference, and against the
 VAE's own round trip of the reference: what a perfect copy scores), with OUT_closest8.png
-(sample | nearest reference image | |difference| x 4). --reference is a folder of images
+(sample | nearest reference image | |difference| x 4) and OUT_nearest.csv (per sample). --reference is a folder of images
 or a latent cache (its recorded source crops are reloaded: exactly what was trained on).
 """
 
