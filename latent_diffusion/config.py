@@ -194,7 +194,8 @@ def check_sampler(name: str, prediction_type: str, what: str = "scheduler") -> N
     if name not in SAMPLERS:
         raise ValueError(f"unknown {what} {name!r}; valid: {list(SAMPLERS)}")
     if name not in samplers_for(prediction_type):
-        why = ("its U-Net predicts the flow velocity, which only the flow samplers integrate" if prediction_type == "flow"
+        flow = prediction_type == "flow"
+        why = ("its U-Net predicts the flow velocity, which only the flow samplers integrate" if flow
                else "the flow samplers integrate a velocity, which this U-Net does not predict")
         raise ValueError(f"{what} {name!r} does not fit a model trained with prediction_type {prediction_type!r}: "
                          f"{why}; use one of {list(samplers_for(prediction_type))}")

@@ -141,8 +141,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             class_labels: one int for all images, or B ints in [0, K); None samples the
                 null class (unconditional; with an unconditional U-Net, must be None).
             guidance_scale: s of classifier-free guidance, eps = eps(null) + s (eps(y) -
-                eps(null)) (Ho & Salimans 2022; likewise for v and the flow velocity). 1 uses the conditional prediction alone
-                (one U-Net call per step); other values cost two. Ignored without labels.
+                eps(null)) (Ho & Salimans 2022; likewise for v and the flow velocity). 1
+                uses the conditional prediction alone (one U-Net call per step); other
+                values cost two. Ignored without labels.
             generator: a ``torch.Generator``, or B of them (one per image: image i then
                 depends only on generator i, not on the batch it shares).
             latents: optional (B, c, h, w) starting noise, instead of drawing it.

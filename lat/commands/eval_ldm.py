@@ -71,7 +71,7 @@ def main(argv=None) -> None:
                               guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
                               device=args.device, fid=args.fid, inception_weights=args.inception_weights,
                               dinov2=args.dinov2, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing or unreadable file, a bad option
         sys.exit(f"error: {exc}")
     kid = report["kid"]
     mem = report["memorisation"]
