@@ -176,8 +176,8 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.Module | None, str]:
-    """torchmetrics' ``FrechetInceptionDistance`` (2048-d pool features), or None and the reason.
+def find_inception_weights(mode: str = "auto", weights: PathLike | None = None) -> tuple[Path | None, str]:
+    """torch-fidelity's InceptionV3 weights file, checked, or None and the reason.
 
     Never downloads: torch-fidelity would fetch the weights and unpickle them without
     ``weights_only``. The file must be there already, and is first checked to load with
@@ -187,7 +187,7 @@ def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.M
         mode: "auto" (use it when the package and weights are present) or "off".
         weights: the InceptionV3 weights file; None looks in ``inception_weights_path()``.
     Returns:
-        ``(metric or None, note)``; the note says what was used or why it is unavailable.
+        ``(path or None, note)``; the note says why it is unavailable (which file, where).
     Raises:
         ValueError: on another mode.
     """
@@ -196,17 +196,44 @@ def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.M
     if mode != "auto":
         raise ValueError(f"fid must be 'auto' or 'off', got {mode!r}")
     if importlib.util.find_spec("torch_fidelity") is None:
-        return None, ("torchmetrics' FID needs the torch-fidelity package (its InceptionV3): "
+        return None, ("the Inception metrics need the torch-fidelity package (its InceptionV3): "
                       "pip install torch-fidelity, and its weights file (see --inception-weights)")
     path = Path(weights) if weights is not None else inception_weights_path()
     if not path.is_file():
         return None, (f"InceptionV3 weights '{INCEPTION_FILE}' not found at {path}; no download is attempted. "
                       f"Fetch {INCEPTION_URL} on a machine with the network and put it there "
                       f"(or pass its path with --inception-weights)")
+    problem = not_tensors_only(path)
+    return (None, problem) if problem else (path, f"InceptionV3 weights {path}")
+
+
+def not_tensors_only(path: PathLike) -> str | None:
+    """None if ``torch.load(path, weights_only=True)`` reads the file, else why not.
+
+    Checked before handing a weights file to code that unpickles it in full
+    (torch-fidelity, torch.hub), so a file holding pickled objects is never executed.
+    """
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, a truncated file, ...
-        return None, f"cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        return f"cannot load {path} with torch.load(weights_only=True): {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return None
+
+
+def build_fid(mode: str = "auto", weights: PathLike | None = None) -> tuple[nn.Module | None, str]:
+    """torchmetrics' ``FrechetInceptionDistance`` (2048-d pool features), or None and the reason.
+
+    Args:
+        mode, weights: as ``find_inception_weights`` (which checks the file; nothing is
+            downloaded).
+    Returns:
+        ``(metric or None, note)``; the note says what was used or why it is unavailable.
+    Raises:
+        ValueError: on another mode.
+    """
+    path, note = find_inception_weights(mode, weights)
+    if path is None:
+        return None, note
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     fid = FrechetInceptionDistance(feature=2048, normalize=False, feature_extractor_weights_path=str(path))

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode-latents": ("lat.commands.encode_latents", "encode images once into a latent cache for stage 2"),
     "train-ldm": ("lat.commands.train_ldm", "train a latent diffusion U-Net on a latent cache (stage 2)"),
     "sample-ldm": ("lat.commands.sample_ldm", "sample a trained pipeline into PNG files and a grid"),
+    "eval-ldm": ("lat.commands.eval_ldm", "measure generated samples: FID/KID/precision-recall, latent FD, memorisation"),
     "benchmark": ("lat.benchmark.cli", "measure training, encoding and sampling throughput"),
 }
 

@@ -6,7 +6,10 @@ work, naming the key and listing the valid ones.
 
 Defaults follow LDM (Rombach et al. 2022) where it has one: the DDPM noise schedule
 "scaled_linear" from beta 0.00085 to 0.012 over 1000 steps, epsilon prediction, a plain
-MSE; AdamW, warm-up and an EMA of the U-Net as diffusers' training examples do.
+MSE; AdamW, warm-up and an EMA of the U-Net as diffusers' training examples do. The
+flow-matching objective (``noise.prediction_type: flow``) follows Stable Diffusion 3
+(Esser et al. 2024): logit-normal timesteps, the velocity target, diffusers'
+FlowMatch schedulers for sampling.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from autoencoderkl.config import LOOP_CHOICES, LoopConfig, check_loop_config, me
 # diffusers block names a UNet2DModel accepts (the rest are conditioning-specific).
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D")
-# Samplers a pipeline can be sampled with (latent_diffusion.model.build_sampler); here, not
-# in model.py, so that command-line --help lists them without importing diffusers.
-SAMPLERS = ("ddim", "ddpm", "dpm", "euler")
 
 
 @dataclass
@@ -56,21 +56,44 @@ class ModelConfig:
 
 @dataclass
 class NoiseConfig:
-    """The forward process q(c_t | c_0) (diffusers ``DDPMScheduler``) and the training target."""
+    """The forward process q(c_t | c_0) and the training target.
 
-    num_train_timesteps: int = 1000  # T; training draws t uniformly from {1..T}
+    epsilon and v_prediction: the DDPM process (diffusers ``DDPMScheduler``, the beta_*
+    keys). flow: the straight path c_t = (1 - t) c_0 + t eps, t in [0, 1] (rectified
+    flow, Liu et al. 2022; flow matching, Lipman et al. 2023), whose keys are
+    timestep_sampling, logit_mean, logit_std and flow_shift; the beta_* keys and
+    timestep_spacing do not apply to it.
+    """
+
+    # T. DDPM: training draws t uniformly from {1..T}. flow: the U-Net's timestep input is
+    # t * T (t in [0, 1]), the units diffusers' FlowMatch schedulers feed it.
+    num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"  # LDM: betas = linspace(sqrt(b0), sqrt(b1), T) ** 2
     beta_start: float = 0.00085  # beta_1 of the schedule (LDM's)
     beta_end: float = 0.012  # beta_T of the schedule (LDM's)
     # What the U-Net predicts: epsilon (LDM, DDPM) | v_prediction (Salimans & Ho 2022,
-    # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) c_0).
+    # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) c_0) | flow (the velocity eps - c_0 of
+    # c_t = (1 - t) c_0 + t eps; SD3, Esser et al. 2024).
     prediction_type: str = "epsilon"
     # Min-SNR-gamma loss weighting (Hang et al. 2023): weight min(SNR_t, gamma) / SNR_t
     # for epsilon, / (SNR_t + 1) for v. null = the plain (unweighted) MSE. 5 is the paper's.
+    # Defined for the DDPM objectives only: flow refuses it (its timestep density,
+    # timestep_sampling, is where SD3 puts the weighting).
     snr_gamma: Optional[float] = None
-    # Sampler saved in pipeline/ and used for the training-time sample grids:
-    # ddim (eta 0) | ddpm (ancestral, the training chain). sample_ldm.py can swap it.
-    pipeline_scheduler: str = "ddim"
+    # flow: how t is drawn each step: logit_normal (t = sigmoid(n), n ~ N(logit_mean,
+    # logit_std^2); SD3's default, which favours the middle of the path) | uniform on [0, 1).
+    timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    # flow: the samplers' shift s (diffusers' FlowMatch* ``shift``): sigma -> s sigma /
+    # (1 + (s - 1) sigma); s > 1 spends more sampling steps at high noise (SD3: 3.0 at
+    # 1024 px). Saved in pipeline/scheduler; sample_ldm.py --shift overrides it.
+    flow_shift: float = 1.0
+    # Sampler saved in pipeline/ and used for the training-time sample grids: for epsilon
+    # and v_prediction ddim (eta 0) | ddpm (ancestral, the training chain) | dpm | euler;
+    # for flow flow_euler | flow_heun (diffusers' FlowMatchEuler/HeunDiscreteScheduler).
+    # null: the objective's default, ddim or flow_euler. sample_ldm.py can swap it.
+    pipeline_scheduler: Optional[str] = None
     # How sampling picks its timesteps: trailing (starts at t = T, Lin et al. 2024) |
     # leading (SD 1.x) | linspace.
     timestep_spacing: str = "trailing"
@@ -153,10 +176,46 @@ class LDMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The training objectives, and the samplers that integrate each one's prediction.
+# Objectives and the samplers (latent_diffusion.model.build_sampler) that fit each; here,
+# not in model.py, so that command-line --help lists them without importing diffusers.
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+DDPM_SAMPLERS = ("ddim", "ddpm", "dpm", "euler")
+FLOW_SAMPLERS = ("flow_euler", "flow_heun")
+SAMPLERS = DDPM_SAMPLERS + FLOW_SAMPLERS
+
+
+def samplers_for(prediction_type: str) -> tuple[str, ...]:
+    """The sampler names (``latent_diffusion.model.build_sampler``) that fit an objective."""
+    return FLOW_SAMPLERS if prediction_type == "flow" else DDPM_SAMPLERS
+
+
+def default_sampler(prediction_type: str) -> str:
+    """ddim for epsilon and v_prediction, flow_euler for flow."""
+    return samplers_for(prediction_type)[0]
+
+
+def check_sampler(name: str, prediction_type: str, what: str = "scheduler") -> None:
+    """Raise unless sampler ``name`` integrates what a ``prediction_type`` U-Net predicts.
+
+    Raises:
+        ValueError: naming ``what`` (e.g. ``--scheduler``), the objective and the samplers
+            that fit it.
+    """
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown {what} {name!r}; valid: {list(SAMPLERS)}")
+    if name not in samplers_for(prediction_type):
+        flow = prediction_type == "flow"
+        why = ("its U-Net predicts the flow velocity, which only the flow samplers integrate" if flow
+               else "the flow samplers integrate a velocity, which this U-Net does not predict")
+        raise ValueError(f"{what} {name!r} does not fit a model trained with prediction_type {prediction_type!r}: "
+                         f"{why}; use one of {list(samplers_for(prediction_type))}")
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "noise.beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),
-    "noise.prediction_type": ("epsilon", "v_prediction"),
-    "noise.pipeline_scheduler": ("ddim", "ddpm"),
+    "noise.prediction_type": PREDICTION_TYPES,
+    "noise.timestep_sampling": ("logit_normal", "uniform"),
     "noise.timestep_spacing": ("trailing", "leading", "linspace"),
     **LOOP_CHOICES,
 }
@@ -205,8 +264,20 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
                        ("train.ema_decay", cfg.train.ema_decay)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{key} must lie in [0, 1), got {value}")
-    if cfg.noise.snr_gamma is not None and cfg.noise.snr_gamma <= 0:
-        raise ValueError(f"noise.snr_gamma must be > 0 (5 in Hang et al. 2023) or null, got {cfg.noise.snr_gamma}")
+    noise = cfg.noise
+    if noise.snr_gamma is not None and noise.prediction_type == "flow":
+        raise ValueError(
+            f"noise.snr_gamma={noise.snr_gamma}: Min-SNR weighting (Hang et al. 2023) is defined for the DDPM "
+            f"objectives (epsilon, v_prediction), not for noise.prediction_type=flow, whose weighting over t is "
+            f"noise.timestep_sampling (logit_normal, SD3); set noise.snr_gamma=null"
+        )
+    if noise.snr_gamma is not None and noise.snr_gamma <= 0:
+        raise ValueError(f"noise.snr_gamma must be > 0 (5 in Hang et al. 2023) or null, got {noise.snr_gamma}")
+    if noise.pipeline_scheduler is not None:
+        check_sampler(noise.pipeline_scheduler, noise.prediction_type, "noise.pipeline_scheduler")
+    for key, value in (("noise.logit_std", noise.logit_std), ("noise.flow_shift", noise.flow_shift)):
+        if not value > 0:
+            raise ValueError(f"{key} must be > 0, got {value}")
     if cfg.data.scaling_factor is not None and cfg.data.scaling_factor <= 0:
         raise ValueError(f"data.scaling_factor must be > 0 or null (the cache's), got {cfg.data.scaling_factor}")
     return cfg

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import queue
 import threading
 import warnings
@@ -121,6 +122,17 @@ class Source(NamedTuple):
         if self.resize is None:
             return str(self.path)
         return f"{self.path}#resize{self.resize}_y{self.top}_x{self.left}"
+
+    @classmethod
+    def parse(cls, name: str) -> "Source":
+        """The inverse of ``name``: an ``index.json["paths"]`` entry -> the ``Source`` it records."""
+        tile = _TILE_NAME.fullmatch(name)
+        if tile is None:
+            return cls(Path(name))
+        return cls(Path(tile["path"]), int(tile["resize"]), int(tile["top"]), int(tile["left"]))
+
+
+_TILE_NAME = re.compile(r"(?P<path>.*)#resize(?P<resize>\d+)_y(?P<top>\d+)_x(?P<left>\d+)")
 
 
 def _demo_sources(resolution: int) -> tuple[list[Source], list[int], list[str]]:

@@ -16,11 +16,16 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     UNet2DModel,
 )
 from diffusers.configuration_utils import FrozenDict
 
-from .config import SAMPLERS, ModelConfig, NoiseConfig
+from .config import SAMPLERS, ModelConfig, NoiseConfig, check_sampler
+from .pipeline import is_flow, scheduler_objective
+
+__all__ = ["SAMPLERS", "build_noise_scheduler", "build_sampler", "build_unet", "is_flow", "scheduler_objective"]
 
 
 def build_unet(cfg: ModelConfig, latent_shape: tuple[int, int, int], num_classes: int | None) -> UNet2DModel:
@@ -64,13 +69,21 @@ def build_unet(cfg: ModelConfig, latent_shape: tuple[int, int, int], num_classes
     )
 
 
-def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
-    """The training forward process: ``DDPMScheduler`` with the configured betas.
+def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+    """The training forward process, as a diffusers scheduler.
 
+    epsilon, v_prediction: ``DDPMScheduler`` with the configured betas.
     ``add_noise(c_0, eps, t)`` = sqrt(alpha_bar_t) c_0 + sqrt(1 - alpha_bar_t) eps, with
     alpha_bar_t = prod_{s <= t} (1 - beta_s) (``alphas_cumprod[t]``, t in 0..T-1 being
     the paper's 1..T). ``clip_sample`` is off: latents are not confined to [-1, 1].
+
+    flow: ``FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=noise.flow_shift)``.
+    Training uses only its config (T; ``train.flow_noisy_and_target`` forms c_t), and
+    sampling schedulers are made from that config, so they feed the U-Net the t * T it
+    was trained on.
     """
+    if cfg.prediction_type == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.flow_shift)
     return DDPMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_schedule=cfg.beta_schedule,
@@ -82,20 +95,29 @@ def build_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     )
 
 
-def build_sampler(name: str, config: FrozenDict | dict[str, Any]) -> Any:
+def build_sampler(name: str, config: FrozenDict | dict[str, Any], shift: float | None = None) -> Any:
     """A sampling scheduler made from another scheduler's config (same betas, target).
 
     Args:
-        name: ddim (eta 0, Song et al. 2021) | ddpm (ancestral) | dpm (DPM-Solver++ 2M,
-            Lu et al. 2022: ``DPMSolverMultistepScheduler`` with ``algorithm_type
-            dpmsolver++``, ``solver_order`` 2) | euler (``EulerDiscreteScheduler``,
-            Karras et al. 2022).
+        name: for epsilon and v_prediction models: ddim (eta 0, Song et al. 2021) | ddpm
+            (ancestral) | dpm (DPM-Solver++ 2M, Lu et al. 2022: ``DPMSolverMultistepScheduler``
+            with ``algorithm_type dpmsolver++``, ``solver_order`` 2) | euler
+            (``EulerDiscreteScheduler``, Karras et al. 2022). For flow models: flow_euler
+            (``FlowMatchEulerDiscreteScheduler``, one U-Net call per step) | flow_heun
+            (``FlowMatchHeunDiscreteScheduler``, Karras et al.'s 2nd-order Heun: 2N - 1
+            U-Net calls for N steps).
         config: e.g. ``pipeline.scheduler.config``; its betas, ``prediction_type`` and
-            ``timestep_spacing`` carry over.
+            ``timestep_spacing`` (or, for flow, T and ``shift``) carry over.
+        shift: flow samplers only: replaces the config's ``shift`` (sigma -> shift sigma /
+            (1 + (shift - 1) sigma)); None keeps it.
     Raises:
-        ValueError: on an unknown name.
+        ValueError: on an unknown name, a name that does not fit the config's objective
+            (``scheduler_objective``), or a ``shift`` for a DDPM-family sampler or <= 0.
     """
+    check_sampler(name, scheduler_objective(config))
     config = dict(config)
+    if shift is not None and (name not in ("flow_euler", "flow_heun") or not shift > 0):
+        raise ValueError(f"shift={shift}: a shift > 0 applies to the flow samplers only, not to {name!r}")
     if name == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
     if name == "ddpm":
@@ -104,4 +126,7 @@ def build_sampler(name: str, config: FrozenDict | dict[str, Any]) -> Any:
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
-    raise ValueError(f"unknown scheduler {name!r}; valid: {list(SAMPLERS)}")
+    shift = config["shift"] if shift is None else shift
+    if name == "flow_euler":  # from_config keeps any other option of a saved FlowMatchEuler config
+        return FlowMatchEulerDiscreteScheduler.from_config(config, shift=shift)
+    return FlowMatchHeunDiscreteScheduler(num_train_timesteps=config["num_train_timesteps"], shift=shift)

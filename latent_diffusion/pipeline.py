@@ -6,6 +6,12 @@ A ``diffusers.DiffusionPipeline`` with three components, ``unet`` (``UNet2DModel
 ``scheduler/``, ``vae/``, safetensors) and ``LatentDiffusionPipeline.from_pretrained(DIR)``
 loads it back, offline.
 
+The objective the U-Net was trained with is recorded in ``model_index.json`` as
+``prediction_type`` (epsilon | v_prediction | flow); every call checks that the scheduler
+integrates that objective (a DDPM-family scheduler with the same ``prediction_type``, or
+a ``FlowMatch*`` scheduler for flow), so a swapped-in sampler that does not fit is an
+error, not a page of noise.
+
 The scale of the latent space lives in the pipeline's ``vae.config``: the U-Net was
 trained on ``latents = (z - shift_factor) * scaling_factor`` (z a raw posterior sample),
 and ``train.py`` writes the ``scaling_factor`` and ``shift_factor`` it actually trained
@@ -31,7 +37,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -40,6 +46,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")  # as latent_diffusion.config (which must not import diffusers)
 
 
 def null_class_index(unet: UNet2DModel) -> int | None:
@@ -48,20 +55,46 @@ def null_class_index(unet: UNet2DModel) -> int | None:
     return None if n is None else n - 1
 
 
+def is_flow(scheduler_or_config: Any) -> bool:
+    """Whether a scheduler (or its config) is one of diffusers' flow-matching schedulers.
+
+    A ``FlowMatch*Scheduler`` integrates a velocity; its config has a ``shift`` and no
+    ``prediction_type``, which every DDPM-family scheduler's config has.
+    """
+    if hasattr(scheduler_or_config, "config"):
+        return type(scheduler_or_config).__name__.startswith("FlowMatch")
+    config = dict(scheduler_or_config)
+    return "prediction_type" not in config and "shift" in config
+
+
+def scheduler_objective(scheduler_or_config: Any) -> str:
+    """The objective a scheduler integrates: ``"flow"``, or its config's ``prediction_type``."""
+    if is_flow(scheduler_or_config):
+        return "flow"
+    config = scheduler_or_config.config if hasattr(scheduler_or_config, "config") else scheduler_or_config
+    return dict(config).get("prediction_type", "epsilon")
+
+
 class LatentDiffusionPipeline(DiffusionPipeline):
     """Class-conditional or unconditional latent diffusion with classifier-free guidance.
 
     Args:
-        unet: predicts epsilon (or v, per ``scheduler.config.prediction_type``) of
+        unet: predicts epsilon, v or the flow velocity (``prediction_type``) of
             (B, c, h, w) latents; class-conditional when ``unet.config.num_class_embeds``
             is set, whose last index is the null class (see ``latent_diffusion.model``).
         scheduler: a diffusers scheduler configured as in training (same betas and
-            prediction type); DDIM, DDPM, DPM-Solver++ and Euler are tested.
+            prediction type, or the flow T and shift); DDIM, DDPM, DPM-Solver++ and Euler
+            are tested for epsilon and v, FlowMatchEuler and FlowMatchHeun for flow.
         vae: the frozen ``AutoencoderKL`` the latents came from; its config's
             ``scaling_factor`` (and ``shift_factor``, when set) are those the U-Net was
             trained with.
         class_names: optional names of the class indices 0..K-1 (e.g. the cache's class
             folders), saved in ``model_index.json``.
+        prediction_type: the U-Net's training objective, saved in ``model_index.json``;
+            None (a pipeline saved before it was recorded) takes the scheduler's
+            (``latent_diffusion.model.scheduler_objective``).
+    Raises:
+        ValueError: an unknown ``prediction_type``.
 
     Example::
 
@@ -72,10 +105,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet->vae"
 
-    def __init__(self, unet: UNet2DModel, scheduler, vae: AutoencoderKL, class_names: Optional[list[str]] = None):
+    def __init__(self, unet: UNet2DModel, scheduler, vae: AutoencoderKL, class_names: Optional[list[str]] = None,
+                 prediction_type: Optional[str] = None):
         super().__init__()
+        prediction_type = prediction_type or scheduler_objective(scheduler)
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None,
+                                prediction_type=prediction_type)
         self.image_processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
 
     @classmethod
@@ -109,13 +147,28 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         return cls(UNet2DModel.from_pretrained(folder / "unet", **dtype),
                    scheduler_class.from_pretrained(folder / "scheduler"),
                    AutoencoderKL.from_pretrained(folder / "vae", **dtype),
-                   class_names=index.get("class_names"))
+                   class_names=index.get("class_names"), prediction_type=index.get("prediction_type"))
 
     @property
     def num_classes(self) -> int | None:
         """K, the number of real classes (labels 0..K-1), or None for an unconditional U-Net."""
         null = null_class_index(self.unet)
         return None if null is None else null
+
+    def check_scheduler(self) -> None:
+        """Raise unless ``self.scheduler`` integrates what the U-Net predicts (``prediction_type``).
+
+        Raises:
+            ValueError: naming the scheduler, the objective and the samplers that fit.
+        """
+        have, want = scheduler_objective(self.scheduler), self.config.prediction_type
+        if have != want:
+            raise ValueError(
+                f"scheduler {type(self.scheduler).__name__} integrates prediction_type {have!r}, but this U-Net was "
+                f"trained with {want!r} (model_index.json); sample with "
+                f"{'a FlowMatch scheduler (flow_euler, flow_heun)' if want == 'flow' else 'a DDPM-family scheduler (ddim, ddpm, dpm, euler)'} "
+                f"(lat sample-ldm --scheduler, or latent_diffusion.model.build_sampler)"
+            )
 
     def _labels(self, class_labels, batch_size: int, device: torch.device) -> Tensor | None:
         """(B,) int64 labels; the null class where none is given; None if unconditional."""
@@ -156,8 +209,9 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             class_labels: one int for all images, or B ints in [0, K); None samples the
                 null class (unconditional; with an unconditional U-Net, must be None).
             guidance_scale: s of classifier-free guidance, eps = eps(null) + s (eps(y) -
-                eps(null)) (Ho & Salimans 2022). 1 uses the conditional prediction alone
-                (one U-Net call per step); other values cost two. Ignored without labels.
+                eps(null)) (Ho & Salimans 2022; likewise for v and the flow velocity). 1
+                uses the conditional prediction alone (one U-Net call per step); other
+                values cost two. Ignored without labels.
             generator: a ``torch.Generator``, or B of them (one per image: image i then
                 depends only on generator i, not on the batch it shares).
             latents: optional (B, c, h, w) starting noise, instead of drawing it.
@@ -170,8 +224,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             ``ImagePipelineOutput(images=...)`` in ``output_type``.
         Raises:
             ValueError: on a label out of range or for an unconditional U-Net, a wrong
-                number of labels or generators, or an unknown ``output_type``.
+                number of labels or generators, an unknown ``output_type``, or a scheduler
+                that does not fit the U-Net's ``prediction_type`` (``check_scheduler``).
         """
+        self.check_scheduler()
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -189,13 +245,15 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        # Flow schedulers start from unit noise at sigma = 1 and have no input scaling.
+        latents = latents.to(device) * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        scale_input = getattr(self.scheduler, "scale_model_input", lambda x, t: x)
 
         step_params = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in step_params}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = torch.cat([latents, latents]) if guided else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            model_input = scale_input(model_input, t)  # t: an int step, or flow's float sigma * T
             model_labels = torch.cat([labels, null_labels]) if guided else labels
             out = self.unet(model_input, t, class_labels=model_labels).sample  # (B or 2B, c, h, w)
             if guided:

@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from autoencoderkl.atomic import atomic_path, write_atomic
 
-from .model import SAMPLERS, build_sampler
+from .config import default_sampler
 from .export import load_pipeline
+from .model import build_sampler
 from .pipeline import LatentDiffusionPipeline
 
 GRID_MAX = 64  # images shown in grid.png (the first ones)
@@ -81,13 +82,14 @@ def sample(
     out: Union[str, os.PathLike],
     num_images: int,
     steps: int = 50,
-    scheduler: str | None = "ddim",
+    scheduler: str | None = None,
     class_label: Union[int, str] = "cycle",
     guidance_scale: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
     device: str | torch.device | None = None,
     progress: bool = True,
+    shift: float | None = None,
 ) -> dict[str, Any]:
     """Generate ``num_images`` PNGs ``out/NNNNNN.png`` and ``out/grid.png`` of the first 64.
 
@@ -97,8 +99,10 @@ def sample(
         out: the folder for the PNGs (created); files of the same names are replaced.
         num_images: N >= 1.
         steps: sampler steps per image.
-        scheduler: ddim | ddpm | dpm (DPM-Solver++ 2M) | euler, made from the pipeline's
-            scheduler config (same betas and prediction type); None keeps the saved one.
+        scheduler: for epsilon and v_prediction models ddim | ddpm | dpm (DPM-Solver++ 2M)
+            | euler, for flow models flow_euler | flow_heun, made from the pipeline's
+            scheduler config (same betas and prediction type, or T and shift); None: the
+            default for the model's ``prediction_type`` (ddim, or flow_euler).
         class_label: "cycle" (image i gets class i % K; unconditional models ignore it),
             an int class for all images, or "none" (the null class: unconditional).
         guidance_scale: classifier-free guidance s (1 = none; needs class labels).
@@ -106,25 +110,27 @@ def sample(
         batch_size: images per U-Net batch (x2 with guidance).
         device: default CUDA when available, else the CPU.
         progress: show a tqdm bar over images.
+        shift: flow samplers only: their ``shift`` instead of the saved one (see
+            ``latent_diffusion.model.build_sampler``).
     Returns:
         ``paths`` (list of Paths, in image order), ``grid`` (Path), ``seconds``,
         ``images_per_sec``, and ``settings`` (also written to ``out/sampling.json``).
     Raises:
         FileNotFoundError: ``model`` is not a pipeline folder.
-        ValueError: a bad count, scheduler name or class label.
+        ValueError: a bad count, scheduler name or class label, a scheduler that does
+            not fit the model's ``prediction_type``, or a shift for a DDPM sampler.
     """
     if num_images < 1 or batch_size < 1 or steps < 1:
         raise ValueError(f"num_images, batch_size and steps must be >= 1, got {num_images}, {batch_size}, {steps}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    if scheduler is not None and scheduler not in SAMPLERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; valid: {list(SAMPLERS)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline = model if isinstance(model, LatentDiffusionPipeline) else load_pipeline(model)
     pipeline.to(device)
     pipeline.unet.eval(), pipeline.vae.eval()
-    if scheduler is not None:
-        pipeline.scheduler = build_sampler(scheduler, pipeline.scheduler.config)
+    pipeline.check_scheduler()  # the saved one; then the one asked for must fit the same objective
+    scheduler = scheduler or default_sampler(pipeline.config.prediction_type)
+    pipeline.scheduler = build_sampler(scheduler, pipeline.scheduler.config, shift=shift)
     pipeline.set_progress_bar_config(disable=True)
     class_labels_for(pipeline, class_label, range(1))  # a bad label fails before any work
 
@@ -159,6 +165,7 @@ def sample(
         save_image(make_grid(torch.stack(shown).float() / 255, nrow=nrow, padding=2, pad_value=1.0), tmp)
     settings = {"model": str(model) if not isinstance(model, LatentDiffusionPipeline) else None,
                 "num_images": num_images, "steps": steps, "scheduler": type(pipeline.scheduler).__name__,
+                "prediction_type": pipeline.config.prediction_type, "shift": pipeline.scheduler.config.get("shift"),
                 "class_label": class_label, "guidance_scale": guidance_scale, "seed": seed,
                 "class_names": pipeline.config.class_names,
                 "vae_scaling_factor": pipeline.vae.config.scaling_factor,

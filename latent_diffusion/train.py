@@ -6,7 +6,10 @@ cache (a fresh posterior sample, times the scaling factor), t uniformly from {1.
 eps ~ N(0, I), forms c_t = sqrt(alpha_bar_t) c_0 + sqrt(1 - alpha_bar_t) eps
 (``DDPMScheduler.add_noise``) and regresses the U-Net's eps_theta(c_t, t, y) on eps with
 an MSE (Ho et al. 2020, "simple" loss; or on v, Salimans & Ho 2022), optionally Min-SNR
-weighted (Hang et al. 2023).
+weighted (Hang et al. 2023). With ``noise.prediction_type: flow`` (rectified flow / flow
+matching: Liu et al. 2022, Lipman et al. 2023; as trained in SiT, Ma et al. 2024, and
+Stable Diffusion 3, Esser et al. 2024) t is drawn from [0, 1] (logit-normal by default),
+c_t = (1 - t) c_0 + t eps, and the U-Net, given t * T, regresses the velocity eps - c_0.
 
 Reads top to bottom like ``autoencoderkl/train.py``: Accelerator -> seed -> run dir ->
 VAE and latent cache -> U-Net, schedulers, optimizer, EMA -> data -> ``prepare`` ->
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling, compute_snr
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
@@ -52,10 +55,10 @@ from autoencoderkl.run import (
     write_logs,
 )
 
-from .config import LDMConfig
+from .config import LDMConfig, NoiseConfig, default_sampler
 from .latents import LatentDataset, load_index
 from .export import save_pipeline
-from .model import build_noise_scheduler, build_sampler, build_unet
+from .model import build_noise_scheduler, build_sampler, build_unet, is_flow
 from .pipeline import LatentDiffusionPipeline, null_class_index
 from .sample import image_generators
 
@@ -85,43 +88,103 @@ def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: Tensor, gamma: fl
     return clamped / snr
 
 
+def flow_noisy_and_target(latents: Tensor, noise: Tensor, sigmas: Tensor) -> tuple[Tensor, Tensor]:
+    """The flow-matching path and its velocity: c_t = (1 - t) c_0 + t eps, target eps - c_0.
+
+    The straight (rectified-flow) path from data at t = 0 to noise at t = 1 (Liu et al.
+    2022; Lipman et al. 2023's conditional OT path with sigma_min = 0; SD3's "RF",
+    Esser et al. 2024, eq. 2 with a_t = 1 - t, b_t = t). Its time derivative, the
+    velocity, is eps - c_0 for every t: what diffusers' ``FlowMatch*Scheduler.step``
+    integrates from sigma = 1 down to 0 (c_{t'} = c_t + (t' - t) v).
+
+    Args:
+        latents: c_0, (B, c, h, w) float.
+        noise: eps, (B, c, h, w) float, standard normal.
+        sigmas: t, (B,) float in [0, 1].
+    Returns:
+        ``(noisy, target)``: c_t and eps - c_0, both (B, c, h, w).
+    """
+    t = sigmas.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))  # (B, 1, 1, 1)
+    return (1 - t) * latents + t * noise, noise - latents
+
+
+def draw_timesteps(
+    noise_scheduler: Any, batch_size: int, device: torch.device, noise_cfg: NoiseConfig | None = None
+) -> Tensor:
+    """Training timesteps in the units the U-Net takes, from the global RNG of ``device``.
+
+    DDPM (epsilon, v_prediction): (B,) int64 uniform on {0..T-1} (the paper's 1..T).
+    flow: (B,) float32 t * T with t ~ ``noise.timestep_sampling``: logit_normal, t =
+    sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's default, Esser et al. 2024 sec.
+    3.1; diffusers' ``compute_density_for_timestep_sampling``), or uniform on [0, 1).
+
+    Args:
+        noise_scheduler: from ``build_noise_scheduler`` (its T, and whether it is flow).
+        noise_cfg: the ``noise.*`` options for flow; None: SD3's defaults (logit-normal 0, 1).
+    """
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if not is_flow(noise_scheduler):
+        return torch.randint(0, num_train_timesteps, (batch_size,), device=device)
+    noise_cfg = noise_cfg or NoiseConfig(prediction_type="flow")
+    t = compute_density_for_timestep_sampling(noise_cfg.timestep_sampling, batch_size, noise_cfg.logit_mean,
+                                              noise_cfg.logit_std, device=device)  # (B,) in [0, 1]
+    return t.float() * num_train_timesteps
+
+
 def diffusion_loss(
     unet: nn.Module,
-    noise_scheduler: DDPMScheduler,
+    noise_scheduler: Any,
     latents: Tensor,
     class_labels: Tensor | None,
     snr_gamma: float | None = None,
     noise: Tensor | None = None,
     timesteps: Tensor | None = None,
+    noise_cfg: NoiseConfig | None = None,
 ) -> Tensor:
-    """The denoising loss of one batch of clean latents.
+    """The denoising (or flow-matching) loss of one batch of clean latents.
 
-    c_t = sqrt(alpha_bar_t) c_0 + sqrt(1 - alpha_bar_t) eps; target eps (epsilon
-    prediction) or v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) c_0 (v_prediction),
-    per ``noise_scheduler.config.prediction_type``.
+    Per ``build_noise_scheduler``'s kind: DDPM: c_t = sqrt(alpha_bar_t) c_0 +
+    sqrt(1 - alpha_bar_t) eps; target eps (epsilon prediction) or v = sqrt(alpha_bar_t)
+    eps - sqrt(1 - alpha_bar_t) c_0 (v_prediction), per its ``prediction_type``. flow:
+    c_t = (1 - t) c_0 + t eps, target eps - c_0 (``flow_noisy_and_target``), the U-Net
+    given t * T.
 
     Args:
         unet: maps (c_t, t, class_labels=y) to an object with ``.sample`` (B, c, h, w);
             the (possibly DDP-wrapped) ``UNet2DModel``.
+        noise_scheduler: ``build_noise_scheduler``'s ``DDPMScheduler`` or, for flow,
+            ``FlowMatchEulerDiscreteScheduler``.
         latents: c_0, (B, c, h, w) float32, already ``(z - shift) * scaling_factor``.
         class_labels: (B,) int64 (the null class where dropped), or None.
         snr_gamma: Min-SNR-gamma weighting (``min_snr_weights``); None = unweighted.
+            DDPM only.
         noise: eps, (B, c, h, w); None draws it from the global RNG.
-        timesteps: (B,) int64 in [0, T) (the paper's 1..T); None draws them uniformly.
+        timesteps: (B,) the U-Net's timestep input: DDPM int64 in [0, T) (the paper's
+            1..T); flow float t * T, t in [0, 1] (ints are taken as such floats). None
+            draws them (``draw_timesteps``, after the noise).
+        noise_cfg: flow's timestep density (``draw_timesteps``); None: SD3's defaults.
     Returns:
         Scalar float32: the squared error averaged over (c, h, w), weighted per sample,
         then averaged over the batch.
+    Raises:
+        ValueError: ``snr_gamma`` with a flow scheduler.
     """
     b = latents.shape[0]
     if noise is None:  # not randn_like: its values would follow the memory layout (channels_last)
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, c, h, w)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        timesteps = draw_timesteps(noise_scheduler, b, latents.device, noise_cfg)
+    if is_flow(noise_scheduler):
+        if snr_gamma is not None:
+            raise ValueError("snr_gamma (Min-SNR) is defined for the DDPM objectives, not for flow matching")
+        timesteps = timesteps.float()
+        noisy, target = flow_noisy_and_target(latents, noise, timesteps / noise_scheduler.config.num_train_timesteps)
     else:
-        target = noise
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, c, h, w)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
     pred = unet(noisy, timesteps, class_labels=class_labels).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma is not None:
@@ -203,8 +266,9 @@ def fixed_validation_batch(
         num_latents: latents taken, evenly spaced over the cache (all, if it has fewer).
     Returns:
         ``latents`` (N, c, h, w) float32, ``noise`` like it, ``timesteps`` (N,) int64
-        (t = (k + 0.5) T / VAL_TIMESTEPS, k = 0..VAL_TIMESTEPS-1), and with ``labelled``
-        the true ``labels`` (N,) int64; N = min(num_latents, len) * VAL_TIMESTEPS.
+        (t = (k + 0.5) T / VAL_TIMESTEPS, k = 0..VAL_TIMESTEPS-1; for flow the same
+        numbers are the U-Net's t * T, i.e. t = (k + 0.5) / VAL_TIMESTEPS), and with
+        ``labelled`` the true ``labels`` (N,) int64; N = min(num_latents, len) * VAL_TIMESTEPS.
     """
     means = LatentDataset(root, sample_posterior=False, scaling_factor=scaling_factor, shift_factor=shift_factor)
     n = len(means)
@@ -224,7 +288,13 @@ def fixed_validation_batch(
 def validation_loss(
     unet: UNet2DModel, noise_scheduler: DDPMScheduler, batch: dict[str, Tensor], batch_size: int, autocast
 ) -> float:
-    """Unweighted denoising MSE on the fixed validation batch (noise and t fixed, so curves are smooth)."""
+    """Unweighted MSE of the objective's target on the fixed validation batch (noise and t fixed).
+
+    The target is eps, v or the flow velocity eps - c_0, at the objective's own t, so
+    the figure compares runs of one objective, not objectives: the targets differ in
+    scale (eps has unit variance, the velocity about 2 for unit-variance latents) and in
+    which t are hard.
+    """
     was_training = unet.training
     unet.eval()
     total, n = 0.0, len(batch["latents"])
@@ -331,9 +401,11 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     params = list(unet_unwrapped.parameters())
     if ema is not None:
         ema.to(accelerator.device)
-    sampler_scheduler = build_sampler(cfg.noise.pipeline_scheduler, noise_scheduler.config)
+    sampler_name = cfg.noise.pipeline_scheduler or default_sampler(cfg.noise.prediction_type)
+    sampler_scheduler = build_sampler(sampler_name, noise_scheduler.config)
     pipeline = LatentDiffusionPipeline(unet_unwrapped, sampler_scheduler, vae,
-                                       class_names=dataset.class_names if num_classes else None)
+                                       class_names=dataset.class_names if num_classes else None,
+                                       prediction_type=cfg.noise.prediction_type)
     pipeline.set_progress_bar_config(disable=True)
     val_batch = fixed_validation_batch(validation_cache(cfg, dataset), scaling_factor, shift_factor,
                                        cfg.noise.num_train_timesteps, cfg.train.seed, null_index is not None,
@@ -407,7 +479,8 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
                 if null_index is not None:
                     labels = drop_labels(batch["label"].to(accelerator.device), null_index, cfg.model.label_dropout)
                 with accelerator.autocast():
-                    loss = diffusion_loss(unet, noise_scheduler, latents, labels, cfg.noise.snr_gamma)
+                    loss = diffusion_loss(unet, noise_scheduler, latents, labels, cfg.noise.snr_gamma,
+                                          noise_cfg=cfg.noise)
                 accelerator.backward(loss)
                 grad_norm = optimizer_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, guard, "U-Net")
                 window.add({"loss": loss}, micro)  # a tensor: no device sync per step
@@ -445,8 +518,9 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
     pipeline_dir = out / "pipeline"
     if accelerator.is_main_process:
         export = LatentDiffusionPipeline(final_weights(unet_unwrapped, ema).eval(),
-                                         build_sampler(cfg.noise.pipeline_scheduler, noise_scheduler.config),
-                                         vae.eval(), class_names=pipeline.config.class_names)
+                                         build_sampler(sampler_name, noise_scheduler.config),
+                                         vae.eval(), class_names=pipeline.config.class_names,
+                                         prediction_type=cfg.noise.prediction_type)
         save_pipeline(export, pipeline_dir, card=dict(pipeline=export, steps=global_step, latents=str(cfg.data.latents),
                                                       val_loss=last_val, config=OmegaConf.to_container(OmegaConf.structured(cfg))))
         logger.info("exported %s (%s scheduler; vae scaling_factor %.6g, shift_factor %.6g)", pipeline_dir,

@@ -96,3 +96,20 @@ def fresh_accelerate_state():
     """Every test starts without a previous test's Accelerator state."""
     reset_accelerate_state()
     yield
+
+
+@pytest.fixture
+def random_inception_weights(tmp_path, monkeypatch) -> Path:
+    """torch-fidelity's InceptionV3 with random weights, saved as its weights file would be."""
+    import torch
+
+    fi = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    from autoencoderkl.evaluate import INCEPTION_FILE
+
+    with monkeypatch.context() as m:
+        m.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path

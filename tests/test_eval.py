@@ -288,19 +288,6 @@ def test_unavailable_metrics_say_why_without_touching_the_network(tmp_path, monk
     assert evaluate.build_fid("off")[0] is None and evaluate.build_lpips("off")[0] is None
 
 
-@pytest.fixture
-def random_inception_weights(tmp_path, monkeypatch) -> Path:
-    """torch-fidelity's InceptionV3 with random weights, saved as its weights file would be."""
-    fi = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
-    with monkeypatch.context() as m:
-        m.setattr(fi, "load_state_dict_from_url", lambda *a, **k: {})
-        m.setattr(fi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path / evaluate.INCEPTION_FILE
-    torch.save(net.state_dict(), path)
-    return path
-
-
 def test_rfid_is_computed_from_a_local_inception_file(tmp_path, vae_dir, random_inception_weights, no_lpips_weights):
     write_photos(tmp_path / "photos", n=4, size=(20, 28))
     report = evaluate_vae(vae_dir, tmp_path / "photos", out=tmp_path / "report.json", resolution=RES, num_workers=0,

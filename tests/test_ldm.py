@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import reset_accelerate_state, write_photos
-from latent_diffusion.config import NoiseConfig, load_config
+from latent_diffusion.config import NoiseConfig, default_sampler, load_config
 from latent_diffusion.encode import encode_latents
 from latent_diffusion.latents import load_index
 from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
@@ -106,7 +106,8 @@ def tiny_pipeline(num_classes: int | None = 3, prediction_type: str = "epsilon")
     unet = build_unet(cfg.model, (4, 8, 8), num_classes).eval()
     vae = tiny_vae()
     vae.register_to_config(scaling_factor=0.7, shift_factor=0.1)
-    scheduler = build_sampler("ddim", build_noise_scheduler(NoiseConfig(prediction_type=prediction_type)).config)
+    noise = NoiseConfig(prediction_type=prediction_type)
+    scheduler = build_sampler(default_sampler(prediction_type), build_noise_scheduler(noise).config)
     pipe = LatentDiffusionPipeline(unet, scheduler, vae, class_names=[f"c{i}" for i in range(num_classes or 0)] or None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -123,7 +124,7 @@ def test_config_errors_name_the_key_and_list_the_valid_ones(tmp_path):
     assert "noise.snr_gamma" in msg and "data.latents" in msg  # valid keys listed
     with pytest.raises(ValueError, match=r"bad value for config key 'train.max_steps'.*'many'"):
         load_config(None, ["train.max_steps=many"])
-    with pytest.raises(ValueError, match=r"'noise.prediction_type' must be one of \['epsilon', 'v_prediction'\]"):
+    with pytest.raises(ValueError, match=r"'noise.prediction_type' must be one of \['epsilon', 'v_prediction', 'flow'\]"):
         load_config(None, ["noise.prediction_type=sample"])
     with pytest.raises(ValueError, match="must have the same length"):
         load_config(None, ["model.block_out_channels=[32,64]"])
@@ -230,14 +231,16 @@ def test_training_lowers_the_loss_and_exports_a_loadable_pipeline(cache, trained
     assert not all(torch.equal(p, q) for p, q in zip(params, summary["unet"].parameters()))
 
 
-def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "flow"])
+def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path, prediction_type):
     """4 steps straight == 2 steps, stop, --resume latest, 2 more (U-Net, optimizer, EMA, RNG, data)."""
+    objective = {"noise.prediction_type": prediction_type}  # flow: its t draws come from the checkpointed RNG too
     straight = tmp_path / "straight"
-    run(cache, straight)
+    run(cache, straight, **objective)
     resumed = tmp_path / "resumed"
-    run(cache, resumed, **{"train.max_steps": 2})
+    run(cache, resumed, **objective, **{"train.max_steps": 2})
     reset_accelerate_state()
-    summary = run(cache, resumed, resume="latest")
+    summary = run(cache, resumed, resume="latest", **objective)
     assert summary["global_step"] == 4 and summary["first_val_loss"] is None  # no step-0 validation on resume
 
     a, b = straight / "checkpoints" / "step-0000004", resumed / "checkpoints" / "step-0000004"
@@ -413,3 +416,146 @@ def test_sample_ldm_cli_writes_pngs_a_grid_and_settings(trained, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "grid.png", "sampling.json"]
     settings = json.loads((out / "sampling.json").read_text())
     assert settings["scheduler"] == "DPMSolverMultistepScheduler" and settings["class_label"] == 1
+
+
+# ---- flow matching -----------------------------------------------------------------
+
+
+def test_flow_path_target_and_timesteps_match_a_hand_computation():
+    """c_t = (1 - t) c_0 + t eps, target eps - c_0, the U-Net given t * T; SD3's logit-normal t."""
+    scheduler = build_noise_scheduler(NoiseConfig(prediction_type="flow"))
+    g = torch.Generator().manual_seed(0)
+    c0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    unet = Recorder()
+    loss = diffusion_loss(unet, scheduler, c0, None, noise=eps, timesteps=t * 1000)
+    for i, ti in enumerate(t.tolist()):
+        torch.testing.assert_close(unet.sample[i], (1 - ti) * c0[i] + ti * eps[i])
+    assert torch.equal(unet.timesteps, t * 1000) and unet.timesteps.dtype == torch.float32
+    torch.testing.assert_close(loss, (eps - c0).pow(2).mean())  # zero prediction: the mean squared velocity
+    # The same path as diffusers' own flow forward process, at the timesteps its sampler feeds the U-Net.
+    scheduler.set_timesteps(10)
+    ts = scheduler.timesteps[[0, 4]]  # sigma * 1000 (floats)
+    diffusion_loss(unet, scheduler, c0[:2], None, noise=eps[:2], timesteps=ts)
+    torch.testing.assert_close(unet.sample, scheduler.scale_noise(c0[:2], ts, eps[:2]))
+
+    torch.manual_seed(0)
+    zeros = torch.zeros(20000, 1, 1, 1)
+    diffusion_loss(unet, scheduler, zeros, None)  # default: logit-normal(0, 1)
+    u = unet.timesteps.double() / 1000
+    logit = torch.log(u / (1 - u))
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
+    diffusion_loss(unet, scheduler, zeros, None, noise_cfg=NoiseConfig(prediction_type="flow", logit_mean=1.0,
+                                                                       logit_std=0.5))
+    u = unet.timesteps.double() / 1000
+    assert abs(torch.log(u / (1 - u)).mean() - 1) < 0.03
+    diffusion_loss(unet, scheduler, zeros, None, noise_cfg=NoiseConfig(prediction_type="flow", timestep_sampling="uniform"))
+    counts = torch.bincount((unet.timesteps / 100).long(), minlength=10).float()
+    assert unet.timesteps.min() >= 0 and unet.timesteps.max() < 1000 and (counts / 2000 - 1).abs().max() < 0.1
+
+
+def test_flow_refuses_min_snr_and_samplers_of_the_other_objective(tmp_path):
+    with pytest.raises(ValueError, match=r"noise.snr_gamma=5.0: Min-SNR .* not for noise.prediction_type=flow.*"
+                                         r"set noise.snr_gamma=null"):
+        load_config(None, ["noise.prediction_type=flow", "noise.snr_gamma=5"])
+    with pytest.raises(ValueError, match=r"noise.pipeline_scheduler 'ddim' does not fit a model trained with "
+                                         r"prediction_type 'flow'.*\['flow_euler', 'flow_heun'\]"):
+        load_config(None, ["noise.prediction_type=flow", "noise.pipeline_scheduler=ddim"])
+    with pytest.raises(ValueError, match=r"'flow_heun' does not fit .*'epsilon'.*\['ddim', 'ddpm', 'dpm', 'euler'\]"):
+        load_config(None, ["noise.pipeline_scheduler=flow_heun"])
+    flow = tiny_pipeline(prediction_type="flow")
+    with pytest.raises(ValueError, match=r"scheduler 'ddim' does not fit a model trained with prediction_type 'flow': "
+                                         r"its U-Net predicts the flow velocity"):
+        sample(flow, tmp_path / "s", num_images=1, scheduler="ddim", progress=False)
+    with pytest.raises(ValueError, match=r"scheduler 'flow_euler' does not fit a model trained with prediction_type 'epsilon'"):
+        sample(tiny_pipeline(), tmp_path / "s", num_images=1, scheduler="flow_euler", progress=False)
+    with pytest.raises(ValueError, match=r"shift=3.0: a shift > 0 applies to the flow samplers only"):
+        sample(tiny_pipeline(), tmp_path / "s", num_images=1, scheduler="ddim", shift=3.0, progress=False)
+    flow.scheduler = DDIMScheduler.from_config(flow.scheduler.config)  # swapped in by hand
+    with pytest.raises(ValueError, match=r"DDIMScheduler integrates prediction_type 'epsilon', but this U-Net was "
+                                         r"trained with 'flow' \(model_index.json\)"):
+        flow(batch_size=1, num_inference_steps=2)
+
+
+class VelocityOracle(torch.nn.Module):
+    """Stands in for the U-Net: the exact velocity E[eps - x_0 | x_t] for x_0 ~ N(mu, S).
+
+    With x_t = (1 - t) x_0 + t eps: x_t ~ N((1 - t) mu, C), C = (1 - t)^2 S + t^2 I, so
+    E[eps | x_t] = t C^-1 r and E[x_0 | x_t] = mu + (1 - t) S C^-1 r, r = x_t - (1 - t) mu.
+    "Latents" are (B, 2, 1, 1); it reads t from the timestep input as t * 1000.
+    """
+
+    def __init__(self, mu: torch.Tensor, cov: torch.Tensor):
+        super().__init__()
+        self.config = type("Config", (), {"sample_size": 1, "in_channels": 2, "num_class_embeds": None})
+        self.mu, self.cov, self.seen = mu.double(), cov.double(), []
+        self.dtype, self.device = torch.float32, torch.device("cpu")
+
+    def forward(self, sample, timestep, class_labels=None):
+        t = float(timestep) / 1000
+        self.seen.append(t)
+        x = sample.flatten(1).double()  # (B, 2)
+        c = (1 - t) ** 2 * self.cov + t**2 * torch.eye(2, dtype=torch.float64)
+        r = torch.linalg.solve(c, (x - (1 - t) * self.mu).T).T  # C^-1 r, (B, 2)
+        v = t * r - (self.mu + (1 - t) * r @ self.cov)
+        return type("Out", (), {"sample": v.float().view_as(sample)})
+
+
+@pytest.mark.parametrize("name, steps", [("flow_euler", 200), ("flow_heun", 10)])
+def test_flow_sampler_with_the_exact_velocity_recovers_a_gaussian(name, steps):
+    """The pipeline + FlowMatch scheduler integrate the true velocity field back to N(mu, S)."""
+    mu, cov = torch.tensor([1.0, -0.5]), torch.tensor([[1.0, 0.6], [0.6, 0.5]])
+    oracle = VelocityOracle(mu, cov)
+    scheduler = build_sampler(name, build_noise_scheduler(NoiseConfig(prediction_type="flow")).config)
+    pipe = LatentDiffusionPipeline(oracle, scheduler, tiny_vae())
+    pipe.set_progress_bar_config(disable=True)
+    x = pipe(batch_size=8192, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+             output_type="latent").images.flatten(1).double()  # (8192, 2)
+    assert oracle.seen[0] == 1.0 and oracle.seen[-1] == pytest.approx(1e-3)  # from pure noise to sigma_min
+    assert len(oracle.seen) == (steps if name == "flow_euler" else 2 * steps - 1)
+    # Standard errors with 8192 draws: about 0.011 (mean), 0.016 (covariance).
+    torch.testing.assert_close(x.mean(0), mu.double(), atol=0.04, rtol=0)
+    torch.testing.assert_close(torch.cov(x.T), cov.double(), atol=0.05, rtol=0)
+
+
+def test_flow_pipeline_saves_loads_and_reproduces_a_seeds_samples(tmp_path):
+    pipe = tiny_pipeline(prediction_type="flow")
+    pipe.scheduler = build_sampler("flow_euler", pipe.scheduler.config, shift=3.0)
+    save_pipeline(pipe, tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["prediction_type"] == "flow"
+    loaded = load_pipeline(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and loaded.scheduler.config.shift == 3.0
+
+    def draw(p, seed=7):
+        return p(batch_size=2, num_inference_steps=4, class_labels=[0, 2], guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(seed), output_type="np").images
+
+    first = draw(pipe)
+    assert np.array_equal(first, draw(loaded)) and np.isfinite(first).all()
+    assert not np.array_equal(first, draw(pipe, seed=8))
+    result = sample(loaded, tmp_path / "heun", num_images=3, steps=3, guidance_scale=2.0, batch_size=2,
+                    scheduler="flow_heun", progress=False)
+    settings = json.loads((tmp_path / "heun" / "sampling.json").read_text())
+    assert settings["scheduler"] == "FlowMatchHeunDiscreteScheduler" and settings["shift"] == 3.0
+    assert settings["prediction_type"] == "flow" and len(result["paths"]) == 3
+    default = sample(loaded, tmp_path / "default", num_images=1, steps=2, progress=False)  # no --scheduler
+    assert default["settings"]["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+
+
+def test_flow_training_lowers_the_loss_and_exports_a_flow_pipeline(cache, tmp_path):
+    out = tmp_path / "flow"
+    summary = run(cache, out, **{"noise.prediction_type": "flow", "noise.flow_shift": 2.0, "train.max_steps": 30,
+                                 "train.validation_steps": 15, "train.checkpointing_steps": 30, "train.log_steps": 5})
+    records = read_metrics(out)
+    val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+    train_loss = [r["loss"] for r in records if "loss" in r]
+    assert summary["global_step"] == 30 and sorted(val) == [0, 15, 30]
+    assert val[30] < 0.8 * val[0], val  # fixed-noise velocity MSE of the EMA weights
+    # Much of the velocity eps - c_0 cannot be predicted (eps near t = 0, c_0 near t = 1), so
+    # the noisy training loss falls little from its start near 2 (unit-variance c_0 and eps).
+    assert np.mean(train_loss[-3:]) < np.mean(train_loss[:2]) < 2.1, train_loss
+    pipe = load_pipeline(out)
+    assert pipe.config.prediction_type == "flow" and pipe.config.class_names == ["class0", "class1", "class2"]
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 2.0
+    assert (out / "samples" / "step-0000030.png").is_file()

@@ -40,8 +40,9 @@ torch.cuda.max_memory_allocated on CUDA.
   --steps steps per call; their steps/s ratio is what the cache buys.
 --what sample: images/s of LatentDiffusionPipeline(batch_size=B, num_inference_steps=
   --steps (default 50)): --model DIR, or a random pipeline of the demo's shape (the
-  demo-shaped VAE, a U-Net from --config's model section, DDIM). FLOPs per image: the
-  U-Net calls plus the decode.
+  demo-shaped VAE, a U-Net from --config's model section, the objective's default sampler:
+  DDIM, or FlowMatch Euler with --set noise.prediction_type=flow noise.snr_gamma=null).
+  FLOPs per image: the U-Net calls plus the decode.
 --what vae_tiling: one image of --resolution px (default 512 on CPU, 1024 on CUDA; a demo
   photo upscaled) through encode + decode of --vae (default: random, demo-shaped), each
   case in its own process: plain, vae.enable_tiling() (tiles of --tile-size px, default

@@ -21,7 +21,7 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """Images/s of the sampling pipeline: optimized vs baseline (and ablations), interleaved."""
     import torch
 
-    from latent_diffusion.config import load_config
+    from latent_diffusion.config import default_sampler, load_config
     from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
     from latent_diffusion.export import load_pipeline
     from latent_diffusion.pipeline import LatentDiffusionPipeline
@@ -49,10 +49,12 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         num_classes = 9 if cfg.model.class_conditional else None  # the demo cache's photos
         torch.manual_seed(0)
         unet = build_unet(cfg.model, (vae.config.latent_channels, resolution // f, resolution // f), num_classes)
-        base = LatentDiffusionPipeline(unet.eval(), build_sampler("ddim", build_noise_scheduler(cfg.noise).config),
+        sampler = build_sampler(default_sampler(cfg.noise.prediction_type), build_noise_scheduler(cfg.noise).config)
+        base = LatentDiffusionPipeline(unet.eval(), sampler,
                                        vae.eval(), class_names=[f"class{i}" for i in range(num_classes)] if num_classes else None)
         source = (f"random: U-Net from {Path(args.config or STAGE2_DEMO).name} model section, "
-                  f"VAE shaped like configs/autoencoderkl/demo.yaml, DDIM, {resolution}x{resolution} px")
+                  f"VAE shaped like configs/autoencoderkl/demo.yaml, {type(sampler).__name__}, "
+                  f"{resolution}x{resolution} px")
     base.set_progress_bar_config(disable=True)
     k = base.num_classes
     labels = [i % k for i in range(batch)] if k else None
@@ -102,7 +104,8 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         with_rates(r, flops_per_image, batch)
         r["steps_per_s"] = r["items_per_s"] / batch * steps  # sampler steps (U-Net calls on the batch) per second
         r.update(peaks[name], settings=settings_of[name])
-    title = (f"sample: {batch} images x {steps} DDIM steps per call, {device} ({threads} threads); "
+    title = (f"sample: {batch} images x {steps} {type(base.scheduler).__name__} steps per call, {device} "
+             f"({threads} threads); "
              f"median of {args.repeats} calls after {args.warmup} warm-up call(s)")
     speedups = print_table(title, results, "baseline" if args.baseline else None)
     return {

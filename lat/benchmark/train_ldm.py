@@ -68,7 +68,7 @@ def unet_step_flops(unet: Any, cfg: Any, batch: int) -> int:
     unet.train()
 
     def step() -> None:
-        diffusion_loss(unet, scheduler, latents, labels, cfg.noise.snr_gamma).backward()
+        diffusion_loss(unet, scheduler, latents, labels, cfg.noise.snr_gamma, noise_cfg=cfg.noise).backward()
 
     flops = count_flops(step)
     unet.zero_grad(set_to_none=True)
@@ -143,7 +143,7 @@ def cached_vs_encoded(cfg: Any, latents: str, vae_path: str, device: str, steps:
 
     def train_step(latents_: Any, labels: Any) -> None:
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(unet, noise_scheduler, latents_, labels, cfg.noise.snr_gamma)
+            loss = diffusion_loss(unet, noise_scheduler, latents_, labels, cfg.noise.snr_gamma, noise_cfg=cfg.noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.optim.max_grad_norm or float("inf"))
         optimizer.step()

@@ -1,1 +1,1 @@
-"""The ``lat`` commands: one module per command, each exposing ``main(argv=None)``."""
+"""One module per `lat` subcommand (``main(argv=None)``); ``scripts/<name>.py`` are thin wrappers around them."""

@@ -17,27 +17,21 @@ import sys
 
 from latent_diffusion.config import SAMPLERS
 
-
-def class_label(text: str):
-    """An integer class, or 'cycle' / 'none'."""
-    if text in ("cycle", "none"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer class, 'cycle' or 'none', got {text!r}") from None
+from .args import class_label
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of train_ldm.py) or the run's output dir")
+    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of lat train-ldm) or the run's output dir")
     parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
     parser.add_argument("--out", required=True, help="folder for the PNGs (created)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    parser.add_argument("--scheduler", choices=SAMPLERS, default="ddim",
-                        help="ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) or euler; made from the "
-                             "pipeline's scheduler config (default ddim)")
+    parser.add_argument("--scheduler", choices=SAMPLERS,
+                        help="for epsilon/v_prediction models ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) "
+                             "or euler; for flow models flow_euler or flow_heun; made from the pipeline's scheduler "
+                             "config (default: ddim, or flow_euler for a flow model)")
+    parser.add_argument("--shift", type=float, help="flow samplers only: the timestep shift (default: the saved one)")
     parser.add_argument("--class-label", type=class_label, default="cycle", metavar="K|cycle|none",
                         help="class K for every image; cycle: image i gets class i %% K (default); none: "
                              "unconditional (the null class). An unconditional model takes only cycle or none")
@@ -56,7 +50,7 @@ def main(argv=None):
     try:
         result = sample(args.model, args.out, args.num_images, steps=args.steps, scheduler=args.scheduler,
                         class_label=args.class_label, guidance_scale=args.guidance_scale, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device)
+                        batch_size=args.batch_size, device=args.device, shift=args.shift)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"wrote {len(result['paths'])} images ({result['images_per_sec']:.2f} images/s) and {result['grid']}")
