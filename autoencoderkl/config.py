@@ -213,7 +213,7 @@ class LoopConfig:
     nonfinite_action: str = "stop"
     rollback_lr_factor: float = 0.5  # learning rates x this at each rollback, in (0, 1]
     max_rollbacks: int = 3  # rollbacks allowed in one run; one more failure stops it
-    # Speed switches (scripts/benchmark.py measures each; see the README's Performance).
+    # Speed switches (`lat benchmark` measures each; see the README's Performance).
     channels_last: bool = False  # NHWC models and inputs: faster convolutions on CUDA tensor cores
     allow_tf32: bool = True  # TF32 for fp32 matmuls/convolutions on Ampere+ GPUs; no effect on CPU
     # Recompute activations in the backward pass: less memory, ~30% more compute; for

@@ -154,7 +154,7 @@ def broadcast_paths(accelerator: "Accelerator", list_paths: Callable[[], object]
     CPU tensor under gloo, a CUDA one under NCCL; no pickle), about 60 MB for a million
     60-character paths. Without a process group (one process) ``list_paths()`` just runs.
     A receiving rank pays for decoding the list, about 15 us per path on a 2-core CPU
-    (mostly building ``pathlib.Path`` objects; ``benchmark.py --what startup``), which is
+    (mostly building ``pathlib.Path`` objects; ``lat benchmark --what startup``), which is
     about what listing a folder in a local, warm page cache costs (16-39 us per file
     there): the gain is on network storage, where every stat is a round trip.
 

@@ -381,7 +381,7 @@ def evaluate_vae(
             quarter overlap, seams blended linearly): memory stays that of one tile, for
             crops larger than the training size. Each tile is normalised on its own, so
             the figures differ from untiled ones (the demo VAE at 512 px: -0.3 dB with
-            64 px tiles, +0.3 dB with 256 px tiles; ``scripts/benchmark.py --what
+            64 px tiles, +0.3 dB with 256 px tiles; ``lat benchmark --what
             vae_tiling``).
         tile_size: tile side in pixels, a multiple of f; None: the VAE's ``sample_size``
             (its training resolution for our VAEs, 512 for SD's).

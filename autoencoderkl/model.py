@@ -94,7 +94,7 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -
     shapes (block widths, layers per block, latent channels, mid-block attention), with
     LDM's ``GroupNorm(32)`` and diffusers' default ``scaling_factor`` for original LDM
     checkpoints (0.18215, SD 1.x/2.x; SDXL's VAE uses 0.13025) -- a warning says so;
-    measure the right one with ``scripts/eval_vae.py --latent-stats``.
+    measure the right one with ``lat eval-vae --latent-stats``.
 
     Args:
         path: one of the above.
@@ -216,7 +216,7 @@ def infer_original_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         raise ValueError(
             f"block widths {block_out_channels} are not all divisible by LDM's GroupNorm({LDM_NORM_NUM_GROUPS}), "
             f"so the checkpoint's norm_num_groups cannot be inferred; pass its diffusers config "
-            f"(load_vae(path, config=...), eval_vae.py --vae-config)"
+            f"(load_vae(path, config=...), lat eval-vae --vae-config)"
         )
     n = len(block_out_channels)
     return {
@@ -273,7 +273,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Autoencod
             f"{path} stores no diffusers config: inferred the architecture from its weights "
             f"({cfg['block_out_channels']}, {cfg['layers_per_block']} layers per block, "
             f"{cfg['latent_channels']} latent channels, GroupNorm(32)) and {factors}. Pass config=... "
-            f"(--vae-config) or measure them with eval_vae.py --latent-stats.",
+            f"(--vae-config) or measure them with lat eval-vae --latent-stats.",
             UserWarning,
             stacklevel=3,
         )

@@ -1,7 +1,7 @@
-"""An image folder -> WebDataset tar shards with an index (``scripts/make_shards.py``).
+"""An image folder -> WebDataset tar shards with an index (``lat make-shards``).
 
 The shards are what ``data.source: hf`` with ``data.dataset: webdataset`` streams, and
-what ``encode_latents.py --data hf:webdataset:...`` encodes. Written with
+what ``lat encode-latents --data hf:webdataset:...`` encodes. Written with
 ``webdataset.ShardWriter``; read back by ``datasets``' ``webdataset`` builder.
 
 Layout of ``OUT`` (published atomically: written as a hidden temporary folder, then renamed)::

@@ -11,8 +11,8 @@ discriminator update (on the detached reconstruction), as in LDM's
 > 0, some steps also decode a transformed latent tau(z) in that forward (EQ-VAE, Kouzelis
 et al. 2025; see ``autoencoderkl.losses``).
 
-Launch with ``accelerate launch scripts/train_vae.py --config ...`` (any number of
-processes) or ``torchrun --nproc_per_node N scripts/train_vae.py ...``.
+Launch with ``accelerate launch -m lat train-vae --config ...`` (any number of
+processes) or ``torchrun --nproc_per_node N -m lat train-vae ...``.
 """
 
 from __future__ import annotations

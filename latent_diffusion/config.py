@@ -87,7 +87,7 @@ class NoiseConfig:
     logit_std: float = 1.0
     # flow: the samplers' shift s (diffusers' FlowMatch* ``shift``): sigma -> s sigma /
     # (1 + (s - 1) sigma); s > 1 spends more sampling steps at high noise (SD3: 3.0 at
-    # 1024 px). Saved in pipeline/scheduler; sample_ldm.py --shift overrides it.
+    # 1024 px). Saved in pipeline/scheduler; lat sample-ldm --shift overrides it.
     flow_shift: float = 1.0
     # Sampler saved in pipeline/ and used for the training-time sample grids: for epsilon
     # and v_prediction ddim (eta 0) | ddpm (ancestral, the training chain) | dpm | euler;
@@ -101,7 +101,7 @@ class NoiseConfig:
 
 @dataclass
 class DataConfig:
-    """The latent cache (``scripts/encode_latents.py``) and the VAE that decodes it."""
+    """The latent cache (``lat encode-latents``) and the VAE that decodes it."""
 
     latents: Optional[str] = None  # the cache folder (--latents)
     # A held-out latent cache (same VAE, same latent shape) for the fixed-noise validation

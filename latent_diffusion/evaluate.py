@@ -1,4 +1,4 @@
-"""Measure what a ``LatentDiffusionPipeline`` generates (``scripts/eval_ldm.py``).
+"""Measure what a ``LatentDiffusionPipeline`` generates (``lat eval-ldm``).
 
 Reading order of this file:
 

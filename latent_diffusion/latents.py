@@ -1,7 +1,7 @@
 """The latent cache, reader side: its format, ``load_index`` and ``LatentDataset``.
 
 Stage 2 trains on a folder of posteriors that ``latent_diffusion/encode.py``
-(``encode_latents``, run by ``scripts/encode_latents.py``) writes once from an image
+(``encode_latents``, run by ``lat encode-latents``) writes once from an image
 folder. This module defines that folder's format (described below, with the constants
 both sides share) and reads it.
 
@@ -110,16 +110,16 @@ def load_index(root: PathLike) -> dict[str, Any]:
     if not path.is_file():
         if (root / MANIFEST_FILE).is_file():
             raise FileNotFoundError(
-                f"{root} is an unfinished latent cache (no {INDEX_FILE} yet): rerun scripts/encode_latents.py "
+                f"{root} is an unfinished latent cache (no {INDEX_FILE} yet): rerun `lat encode-latents` "
                 f"with the same arguments to finish it"
             )
-        raise FileNotFoundError(f"no latent cache at {root}: {path} does not exist; create one with scripts/encode_latents.py")
+        raise FileNotFoundError(f"no latent cache at {root}: {path} does not exist; create one with `lat encode-latents`")
     index = json.loads(path.read_text())
     version = index.get("format_version")
     if version is None:
         raise ValueError(f"{path} has no format_version: not a latent cache index")
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {version}; this code reads {FORMAT_VERSION}. Re-encode with scripts/encode_latents.py")
+        raise ValueError(f"{path} has format_version {version}; this code reads {FORMAT_VERSION}. Re-encode with `lat encode-latents`")
     return index
 
 
@@ -210,8 +210,8 @@ class LatentDataset(torch.utils.data.Dataset):
                 raise ValueError(
                     f"the latent cache {self.root} was encoded by a VAE with weights sha256 "
                     f"{index['vae']['sha256']}, but the VAE given has sha256 {sha}: its latents "
-                    f"would decode to garbage. Re-encode with scripts/encode_latents.py --vae <this VAE> "
-                    f"--out <new dir>, or use the VAE that made the cache ({index['vae'].get('path')})."
+                    f"would decode to garbage. Re-encode with `lat encode-latents --vae <this VAE> "
+                    f"--out <new dir>`, or use the VAE that made the cache ({index['vae'].get('path')})."
                 )
         self.sample_posterior = sample_posterior
         if scaling_factor is None and sample_posterior:

@@ -1,4 +1,4 @@
-"""Sample a trained ``LatentDiffusionPipeline`` into PNG files and a grid (``scripts/sample_ldm.py``).
+"""Sample a trained ``LatentDiffusionPipeline`` into PNG files and a grid (``lat sample-ldm``).
 
 Image i of a run with seed S starts from its own noise generator, seeded from (S, i)
 (``image_generators``), and every later random draw of a stochastic sampler comes from

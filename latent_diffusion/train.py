@@ -1,7 +1,7 @@
 """Stage 2: train a noise-predicting U-Net on cached latents, export a pipeline.
 
 Latent diffusion (Rombach et al. 2022): the autoencoder is frozen and its latents were
-encoded once (``scripts/encode_latents.py``). Each step draws clean latents c_0 from the
+encoded once (``lat encode-latents``). Each step draws clean latents c_0 from the
 cache (a fresh posterior sample, times the scaling factor), t uniformly from {1..T} and
 eps ~ N(0, I), forms c_t = sqrt(alpha_bar_t) c_0 + sqrt(1 - alpha_bar_t) eps
 (``DDPMScheduler.add_noise``) and regresses the U-Net's eps_theta(c_t, t, y) on eps with
@@ -14,7 +14,7 @@ c_t = (1 - t) c_0 + t eps, and the U-Net, given t * T, regresses the velocity ep
 Reads top to bottom like ``autoencoderkl/train.py``: Accelerator -> seed -> run dir ->
 VAE and latent cache -> U-Net, schedulers, optimizer, EMA -> data -> ``prepare`` ->
 resume -> loop -> export ``pipeline/``. Launch with ``accelerate launch
-scripts/train_ldm.py --config ... --latents ...`` (any number of processes) or torchrun.
+`lat train-ldm` --config ... --latents ...`` (any number of processes) or torchrun.
 """
 
 from __future__ import annotations
@@ -316,7 +316,7 @@ def sample_grid(
 
     Image i uses ``image_generators(0, [i])`` and, for a class-conditional U-Net, class
     i % K (with K <= 16 classes each grid row holds one image of every class): the same
-    images ``sample_ldm.py --seed 0`` draws first from the exported pipeline.
+    images ``lat sample-ldm --seed 0`` draws first from the exported pipeline.
     """
     k = pipeline.num_classes
     labels = [i % k for i in range(num_images)] if k else None
@@ -356,7 +356,7 @@ def main(cfg: LDMConfig, output_dir: str | Path, resume: str | None = None, over
         TrainingStopped: a signal (after a checkpoint) or NaN/inf steps the guard gave up on.
     """
     if not cfg.data.latents:
-        raise ValueError("no latent cache: give --latents DIR (made by scripts/encode_latents.py) or data.latents=DIR")
+        raise ValueError("no latent cache: give --latents DIR (made by `lat encode-latents`) or data.latents=DIR")
     accelerator, out, resume_path = start_run(cfg.train, output_dir, resume, overwrite)  # same seed on every process
 
     # ---- frozen VAE and the latent cache ------------------------------------------

@@ -201,7 +201,7 @@ def test_a_mismatched_vae_is_refused_by_the_dataset(vae_dir, photo_dir, tmp_path
     assert len(LatentDataset(out, vae=vae_dir)) == 6  # the right VAE, by path
     assert len(LatentDataset(out, vae=tiny_vae())) == 6  # ... or as a model
     other = tiny_vae(seed=1)
-    with pytest.raises(ValueError, match="encode_latents.py") as err:
+    with pytest.raises(ValueError, match="lat encode-latents") as err:
         LatentDataset(out, vae=other)
     assert index["vae"]["sha256"] in str(err.value) and vae_weights_sha256(other) in str(err.value)
 
@@ -336,7 +336,7 @@ def test_class_subfolders_become_labels(vae_dir, tmp_path):
 
 
 def test_load_index_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no latent cache.*encode_latents.py"):
+    with pytest.raises(FileNotFoundError, match="no latent cache.*lat encode-latents"):
         load_index(tmp_path)
     (tmp_path / "index.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
