@@ -197,7 +197,8 @@ def test_train_vae_help_shows_every_key_with_its_default_and_meaning_without_loa
     assert proc.returncode == 0
     assert "  loss.kl_weight = 1e-06\n      x KL summed over (c, h, w), mean over batch" in proc.stdout
     assert "  train.mixed_precision = null" in proc.stdout
-    probe = subprocess.run([sys.executable, "-c", "import sys; from lat.commands import train_vae, sample_ldm, train_ldm; "
+    probe = subprocess.run([sys.executable, "-c", "import sys; from lat.commands import train_vae, sample_ldm, train_ldm, "
+                            "eval_vae, eval_ldm, encode_latents, make_shards, inspect_vae; import lat.benchmark.cli; "
                             "print(sorted({'torch', 'diffusers', 'accelerate'} & set(sys.modules)))"],
                            capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert probe.stdout.strip() == "[]", "--help must not import the heavy libraries"

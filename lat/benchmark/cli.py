@@ -104,32 +104,35 @@ one looks skewed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from autoencoderkl.atomic import write_atomic
 
-from .encode import bench_encode
 from .harness import CaseFailed, load_average
-from .sample import bench_sample
-from .startup import bench_startup
-from .train_ldm import bench_train_ldm, child_train_ldm
-from .train_vae import bench_train_vae, child_train_vae
-from .vae_tiling import bench_vae_tiling, child_vae_tiling
+
+# --what -> its function (module of lat.benchmark, name); a case process's spec "kind" ->
+# its function. Imported only when used, so that --help does not load torch.
+WHAT = {"encode": ("encode", "bench_encode"), "train_vae": ("train_vae", "bench_train_vae"),
+        "train_ldm": ("train_ldm", "bench_train_ldm"), "sample": ("sample", "bench_sample"),
+        "vae_tiling": ("vae_tiling", "bench_vae_tiling"), "startup": ("startup", "bench_startup")}
+CHILDREN = {"train_vae": ("train_vae", "child_train_vae"), "train_ldm": ("train_ldm", "child_train_ldm"),
+            "vae_tiling": ("vae_tiling", "child_vae_tiling")}
 
 
-# --what -> its function; a case process's spec "kind" -> its function.
-WHAT = {"encode": bench_encode, "train_vae": bench_train_vae, "train_ldm": bench_train_ldm, "sample": bench_sample,
-        "vae_tiling": bench_vae_tiling, "startup": bench_startup}
-CHILDREN = {"train_vae": child_train_vae, "train_ldm": child_train_ldm, "vae_tiling": child_vae_tiling}
+def _function(table: dict[str, tuple[str, str]], key: str) -> Callable[..., Any]:
+    module, name = table[key]
+    return getattr(importlib.import_module(f"lat.benchmark.{module}"), name)
 
 
 def child_main(spec_path: str) -> None:
     """Entry point of a case's process: run ``spec["kind"]``, write its result JSON."""
     spec = json.loads(Path(spec_path).read_text())
-    result = CHILDREN[spec["kind"]](spec)
+    result = _function(CHILDREN, spec["kind"])(spec)
     write_atomic(spec["result"], json.dumps(result, indent=1))
 
 
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="benchmark-") as tmp:
         try:
             report = {"what": args.what, "command": " ".join(["benchmark.py", *argv]),
-                      **WHAT[args.what](args, Path(tmp))}
+                      **_function(WHAT, args.what)(args, Path(tmp))}
         except (FileNotFoundError, ValueError, CaseFailed) as exc:
             sys.exit(f"error: {exc}")
     report["environment"]["load_average_after"] = load_average()
