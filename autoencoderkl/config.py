@@ -258,6 +258,35 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# The bundled run configs: the repository's configs/ in a checkout, shipped as lat/configs
+# (package data) in an installed wheel.
+CONFIG_ROOTS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[1] / "lat" / "configs")
+
+
+def find_config(name_or_path: str | os.PathLike, stage: str) -> Path:
+    """A config path, or the name of a bundled config -> the YAML file to read.
+
+    Args:
+        name_or_path: ``configs/autoencoderkl/demo.yaml`` (any path), or just ``demo``,
+            ``kl-f8``, ``probe``, ...
+        stage: ``autoencoderkl`` or ``latent_diffusion`` (the bundled configs' folder).
+    Returns:
+        ``name_or_path`` itself when it is a file or names a YAML file, else the bundled one.
+    Raises:
+        FileNotFoundError: naming the bundled configs when neither exists.
+    """
+    text = str(name_or_path)
+    if Path(text).is_file() or text.endswith((".yaml", ".yml")):
+        return Path(text)
+    for root in CONFIG_ROOTS:
+        candidate = root / stage / f"{text}.yaml"
+        if candidate.is_file():
+            return candidate
+    bundled = sorted({p.stem for root in CONFIG_ROOTS for p in (root / stage).glob("*.yaml")})
+    raise FileNotFoundError(f"--config {text}: no such file, and no bundled {stage} config of that name "
+                            f"(bundled: {', '.join(bundled) or 'none found'})")
+
+
 def valid_keys(schema: Any) -> list[str]:
     """Dotted names of every option of a config dataclass (instance or type), in order."""
 

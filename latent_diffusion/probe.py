@@ -55,6 +55,7 @@ from PIL import Image
 from torch import Tensor
 
 from autoencoderkl.atomic import write_atomic
+from autoencoderkl.config import find_config
 from autoencoderkl.data import UnreadableImageWarning
 from autoencoderkl.evaluate import _png_bytes, evaluate_vae, write_json
 from autoencoderkl.model import load_vae, vae_weights_sha256
@@ -71,8 +72,8 @@ from .train import validation_timesteps
 
 logger = logging.getLogger(__name__)
 
-# The checkout's probe config (configs/ sits beside the package folders).
-PROBE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "latent_diffusion" / "probe.yaml"
+# The bundled probe config (configs/latent_diffusion/probe.yaml; lat/configs in a wheel).
+PROBE_CONFIG = find_config("probe", "latent_diffusion")
 REPORT_FORMAT_VERSION = 1
 TRAIN, HELDOUT = "train", "heldout"  # the two folders of probe images
 

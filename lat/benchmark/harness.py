@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import lat
+from autoencoderkl.config import find_config
 
-# The checkout: lat/benchmark/harness.py -> the folder holding lat/ and configs/.
-REPO = Path(__file__).resolve().parents[2]
-STAGE1_DEMO = REPO / "configs" / "autoencoderkl" / "demo.yaml"
-STAGE2_DEMO = REPO / "configs" / "latent_diffusion" / "demo.yaml"
+STAGE1_DEMO = find_config("demo", "autoencoderkl")
+STAGE2_DEMO = find_config("demo", "latent_diffusion")
 
 
 # --------------------------------------------------------------------------- timing and environment

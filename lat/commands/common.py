@@ -9,34 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
-# The run configs: beside the package in an installed wheel (lat/configs, shipped as
-# package data), in the repository's configs/ in a checkout.
-_CONFIG_ROOTS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).resolve().parents[2] / "configs")
-
-
 def config_path(name_or_path: str, stage: str) -> str:
-    """A ``--config`` value -> a YAML file: a path, or the name of a bundled config.
+    """A ``--config`` value -> a YAML file (``autoencoderkl.config.find_config``)."""
+    from autoencoderkl.config import find_config
 
-    Args:
-        name_or_path: ``configs/autoencoderkl/demo.yaml``, or just ``demo`` / ``kl-f8``.
-        stage: ``autoencoderkl`` or ``latent_diffusion`` (the bundled configs' folder).
-    Returns:
-        The path to read (unchanged when it names an existing file).
-    Raises:
-        FileNotFoundError: naming the bundled configs when neither exists.
-    """
-    if Path(name_or_path).is_file() or name_or_path.endswith((".yaml", ".yml")):
-        return name_or_path
-    for root in _CONFIG_ROOTS:
-        candidate = root / stage / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return str(candidate)
-    bundled = sorted({p.stem for root in _CONFIG_ROOTS for p in (root / stage).glob("*.yaml")})
-    raise FileNotFoundError(f"--config {name_or_path}: no such file, and no bundled {stage} config of that name "
-                            f"(bundled: {', '.join(bundled) or 'none found'})")
+    return str(find_config(name_or_path, stage))
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
