@@ -25,7 +25,6 @@ resumed run continues exactly where it stopped (``InfiniteSampler(start=...)``).
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import warnings
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Sequence,
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
+from accelerate.utils import broadcast_object_list
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
@@ -140,99 +140,57 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-# Errors the main process's listing may raise, re-raised by the same type on every rank.
-_LISTING_ERRORS = {e.__name__: e for e in (FileNotFoundError, NotADirectoryError, PermissionError, ValueError, OSError)}
-
-
 def broadcast_paths(accelerator: "Accelerator", list_paths: Callable[[], object]) -> object:
     """Run ``list_paths()`` on the main process only; every process returns its result.
 
     For a folder of a million files on network storage, N ranks each walking the folder
     (``list_images``: a readdir per folder, a stat per file) cost N times the listing and
-    load the file server N times over. Here rank 0 lists; the result travels as a JSON
-    text in a uint8 tensor (``torch.distributed.broadcast`` on ``accelerator.device``: a
-    CPU tensor under gloo, a CUDA one under NCCL; no pickle), about 60 MB for a million
-    60-character paths. Without a process group (one process) ``list_paths()`` just runs.
-    A receiving rank pays for decoding the list, about 15 us per path on a 2-core CPU
-    (mostly building ``pathlib.Path`` objects; ``lat benchmark --what startup``), which is
-    about what listing a folder in a local, warm page cache costs (16-39 us per file
-    there): the gain is on network storage, where every stat is a round trip.
+    load the file server N times over. Here rank 0 lists and Accelerate's
+    ``broadcast_object_list`` sends the result (about 60 MB for a million 60-character
+    paths). Without a process group (one process) ``list_paths()`` just runs. A receiving
+    rank pays for unpickling the list, about 11 us per path on a 2-core CPU (mostly
+    building ``pathlib.Path`` objects; ``lat benchmark --what startup``), which is about
+    what listing a folder in a local, warm page cache costs: the gain is on network
+    storage, where every stat is a round trip.
 
     This is a collective: every process must call it, at the same point. If
-    ``list_paths`` raises on the main process, every process raises the same type
-    (FileNotFoundError, ValueError, ...; others as RuntimeError) with its message, so no
-    rank waits forever for a list that never comes.
+    ``list_paths`` raises on the main process, the exception is sent instead and every
+    process raises it, so no rank waits forever for a list that never comes.
 
     Args:
-        accelerator: the run's ``Accelerator`` (its device carries the tensors).
+        accelerator: the run's ``Accelerator``.
         list_paths: called on the main process only; returns a list of paths (str or
             ``os.PathLike``) or a tuple of such lists, e.g. ``lambda: list_images(root)``
             or ``lambda: split_paths(cfg)``.
     Returns:
         The same structure on every process, paths as ``pathlib.Path``.
     Raises:
-        What ``list_paths`` raises (the main process: the original exception; the others:
-        the same type and message).
+        What ``list_paths`` raises, on every process.
         TypeError: if ``list_paths`` returns something else than paths or lists of them.
     """
     if not _distributed():
-        result = list_paths()
-        _check_path_lists(result)
-        is_tuple = isinstance(result, tuple)
-        lists = [[p if isinstance(p, Path) else Path(p) for p in x] for x in (result if is_tuple else [result])]
-        return tuple(lists) if is_tuple else lists[0]
-    error: BaseException | None = None
-    if torch.distributed.get_rank() == 0:
+        return _as_path_lists(list_paths())
+    message: list[object] = [None]
+    if accelerator.is_main_process:
         try:
-            payload = _encode_paths(list_paths())
-        except Exception as exc:  # sent to every rank, then re-raised here
-            error, payload = exc, _encode_error(exc)
-        size = torch.tensor([len(payload)], dtype=torch.int64, device=accelerator.device)
-    else:
-        size = torch.zeros(1, dtype=torch.int64, device=accelerator.device)
-    torch.distributed.broadcast(size, src=0)
-    if torch.distributed.get_rank() == 0:
-        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(accelerator.device)
-    else:
-        data = torch.empty(int(size.item()), dtype=torch.uint8, device=accelerator.device)
-    torch.distributed.broadcast(data, src=0)
-    if error is not None:
-        raise error
-    return _decode_paths(data.cpu().numpy().tobytes())
+            message = [_as_path_lists(list_paths())]
+        except Exception as exc:  # sent to every rank, then raised everywhere
+            message = [exc]
+    broadcast_object_list(message, from_process=0)
+    if isinstance(message[0], BaseException):
+        raise message[0]
+    return message[0]
 
 
-def _check_path_lists(result: object) -> None:
-    """TypeError unless ``result`` is a list of paths or a tuple of such lists."""
-    lists = result if isinstance(result, tuple) else [result]
+def _as_path_lists(result: object) -> object:
+    """A list of paths, or a tuple of lists, with every path a ``pathlib.Path``; TypeError otherwise."""
+    is_tuple = isinstance(result, tuple)
+    lists = result if is_tuple else [result]
     if not all(isinstance(x, list) and all(isinstance(p, (str, os.PathLike)) for p in x) for x in lists):
         raise TypeError(f"broadcast_paths: list_paths() must return a list of paths or a tuple of lists, "
                         f"got {type(result).__name__}")
-
-
-def _encode_paths(result: object) -> bytes:
-    """A list of paths, or a tuple of lists, -> ASCII JSON (non-UTF-8 names survive as \\u escapes)."""
-    _check_path_lists(result)
-    is_tuple = isinstance(result, tuple)
-    lists = list(result) if is_tuple else [result]
-    return json.dumps({"lists": [[os.fspath(p) for p in x] for x in lists], "tuple": is_tuple}).encode("ascii")
-
-
-def _encode_error(exc: BaseException) -> bytes:
-    """An exception's type name and message as ASCII JSON, for ``_decode_paths`` to raise."""
-    return json.dumps({"error": [type(exc).__name__, str(exc)]}).encode("ascii")
-
-
-def _decode_paths(payload: bytes) -> object:
-    """Inverse of ``_encode_paths``; an encoded error is raised by its type."""
-    msg = json.loads(payload.decode("ascii"))
-    if "error" in msg:
-        name, text = msg["error"]
-        kind = _LISTING_ERRORS.get(name)
-        if kind is None:
-            raise RuntimeError(f"the main process failed to list the images: {name}: {text}")
-        raise kind(text)
-    lists = [[Path(p) for p in x] for x in msg["lists"]]
-    return tuple(lists) if msg["tuple"] else lists[0]
+    converted = [[p if isinstance(p, Path) else Path(p) for p in x] for x in lists]
+    return tuple(converted) if is_tuple else converted[0]
 
 
 def list_images_once(accelerator: "Accelerator", root: PathLike) -> list[Path]:

@@ -187,7 +187,7 @@ def test_startup_times_listing_the_old_header_check_and_the_lazy_construction(tm
     report = json.loads(out.read_text())
     assert report["what"] == "startup" and report["settings"]["files"] == 30
     assert set(report["results"]) == {"list_images", "header_check_every_file", "ImageFolder(train=True)",
-                                      "encode_decode_list"}
+                                      "serialize_list"}
     for r in report["results"].values():
         assert r["items"] == 30 and len(r["seconds"]) == 2
         assert r["us_per_file"] == pytest.approx(1e6 / r["items_per_s"]) and r["us_per_file"] > 0

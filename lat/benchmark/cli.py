@@ -65,7 +65,7 @@ torch.cuda.max_memory_allocated on CUDA.
 --what startup: seconds (and microseconds per file) that building the stage-1 training
   data costs each rank before the first step: list_images on the folder, the header
   check of every file that ImageFolder(train=True) construction used to do, that
-  construction now (lazy: one header), and encoding + decoding the list as
+  construction now (lazy: one header), and pickling + unpickling the list as
   list_images_once sends it to the other ranks. Files: --data FOLDER, or --num-images
   (default 100000) synthetic ones (hard links to 16 tiny PNGs); warm page cache.
 

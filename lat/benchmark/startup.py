@@ -7,8 +7,9 @@ Four cases over the same N files, alternating repeat by repeat (``measure``):
   ``ImageFolder(train=True)`` did at construction before the header check became lazy
   (and what ``train=False`` still does);
 * ``ImageFolder(train=True)``: the construction now (one header read, shared flags);
-* ``encode_decode_list``: turning the list into the JSON bytes ``list_images_once`` sends
-  and back into paths: what a rank that receives the list pays, less the transfer.
+* ``serialize_list``: pickling the list as ``list_images_once`` broadcasts it
+  (``accelerate.utils.broadcast_object_list``) and unpickling it into paths: what a rank
+  that receives the list pays, less the transfer.
 
 The files: ``--data FOLDER`` (all its images, or the first ``--num-images``), or N
 synthetic ones (default 100,000): hard links to 16 tiny PNGs (8 x 8 px, about 250 bytes)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ def bench_startup(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     """Seconds and microseconds per file of listing, the old eager check and the lazy construction."""
     import torch
 
-    from autoencoderkl.data import ImageFolder, _check_header, _decode_paths, _encode_paths, list_images
+    from autoencoderkl.data import ImageFolder, _check_header, list_images
 
     if args.data != "demo":
         folder = Path(args.data).resolve()
@@ -80,11 +82,11 @@ def bench_startup(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         ImageFolder(paths, resolution=8, train=True)
         return n
 
-    def encode_decode_list() -> int:
-        return len(_decode_paths(_encode_paths(paths)))
+    def serialize_list() -> int:
+        return len(pickle.loads(pickle.dumps(paths)))
 
     cases = {"list_images": listing, "header_check_every_file": header_check_every_file,
-             "ImageFolder(train=True)": construction, "encode_decode_list": encode_decode_list}
+             "ImageFolder(train=True)": construction, "serialize_list": serialize_list}
     load_before = load_average()
     results = measure(cases, args.repeats, warmup_calls=args.warmup)
     for r in results.values():
