@@ -3,8 +3,8 @@
 Reading order of this file:
 
 1. ``list_images``: every image file under a folder, recursively, in sorted order;
-   ``broadcast_paths`` / ``list_images_once``: list on the main process only and send the
-   list to the other ranks (N ranks need not each walk a network folder).
+   ``broadcast_paths``: list on the main process only and send the list to the other
+   ranks (N ranks need not each walk a network folder).
 2. ``demo_image_paths``: the embedded demo set (the RGB photos scikit-image ships).
 3. ``load_rgb`` / ``to_tensor``: one file -> an RGB ``PIL.Image`` -> a tensor. Every mode
    PIL can open (L, LA, P, RGBA, 16-bit, CMYK, 1-bit) becomes 8-bit RGB, alpha composited
@@ -191,17 +191,6 @@ def _as_path_lists(result: object) -> object:
                         f"got {type(result).__name__}")
     converted = [[p if isinstance(p, Path) else Path(p) for p in x] for x in lists]
     return tuple(converted) if is_tuple else converted[0]
-
-
-def list_images_once(accelerator: "Accelerator", root: PathLike) -> list[Path]:
-    """``list_images(root)`` on the main process, its result on every process.
-
-    A collective (every rank calls it); see ``broadcast_paths``.
-
-    Raises:
-        FileNotFoundError, ValueError: as ``list_images``, on every process.
-    """
-    return broadcast_paths(accelerator, lambda: list_images(root))
 
 
 def evenly_spaced(paths: Sequence[Any], n: int) -> list[Any]:

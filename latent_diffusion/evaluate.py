@@ -166,7 +166,7 @@ def load_reference(
         FileNotFoundError: a missing folder, or a cache whose source files are gone.
         ValueError: no readable image, or a cache made at another resolution.
     """
-    from autoencoderkl.train import evenly_spaced  # the held-out split rule training uses
+    from autoencoderkl.data import evenly_spaced  # the held-out split rule training uses
 
     if is_latent_cache(reference):
         index = load_index(reference)

@@ -59,7 +59,7 @@ from autoencoderkl.config import find_config
 from autoencoderkl.data import UnreadableImageWarning
 from autoencoderkl.evaluate import _png_bytes, evaluate_vae, write_json
 from autoencoderkl.model import load_vae, vae_weights_sha256
-from autoencoderkl.train import evenly_spaced
+from autoencoderkl.data import evenly_spaced
 from autoencoderkl.visualize import chart, hstack, read_metrics, to_pil
 
 from .config import load_config

@@ -21,7 +21,6 @@ from autoencoderkl.data import (
     broadcast_paths,
     demo_image_paths,
     list_images,
-    list_images_once,
     load_rgb,
     to_tensor,
 )
@@ -116,17 +115,17 @@ def test_listing_is_recursive_sorted_and_ignores_other_extensions(tmp_path):
     assert list_images(tmp_path) == sorted([tmp_path / "b.png", tmp_path / "sub" / "deeper" / "a.JPG"])
 
 
-def test_list_images_once_in_one_process_lists_here(tmp_path):
+def test_broadcast_paths_in_one_process_lists_here(tmp_path):
     from accelerate import Accelerator
 
     _noise_image(tmp_path / "b.png")
     _noise_image(tmp_path / "a.jpg")
     accelerator = Accelerator(cpu=True)
-    assert list_images_once(accelerator, tmp_path) == list_images(tmp_path)
+    assert broadcast_paths(accelerator, lambda: list_images(tmp_path)) == list_images(tmp_path)
     pair = broadcast_paths(accelerator, lambda: ([str(tmp_path / "a.jpg")], [tmp_path / "b.png"]))
     assert pair == ([tmp_path / "a.jpg"], [tmp_path / "b.png"])
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        list_images_once(accelerator, tmp_path / "nowhere")
+        broadcast_paths(accelerator, lambda: list_images(tmp_path / "nowhere"))
     with pytest.raises(TypeError, match="list of paths"):
         broadcast_paths(accelerator, lambda: {"a": 1})
 
@@ -143,10 +142,10 @@ def test_broadcast_paths_goes_through_a_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         accelerator = Accelerator(cpu=True)
-        assert list_images_once(accelerator, folder) == list_images(folder)
+        assert broadcast_paths(accelerator, lambda: list_images(folder)) == list_images(folder)
         (tmp_path / "empty").mkdir()
         with pytest.raises(ValueError, match="no images in"):  # the main process's error, raised after the broadcast
-            list_images_once(accelerator, tmp_path / "empty")
+            broadcast_paths(accelerator, lambda: list_images(tmp_path / "empty"))
         ds = ImageFolder([_noise_image(tmp_path / "ok.png"), folder / "a.png"], resolution=8)
         with pytest.warns(UnreadableImageWarning):
             ds[1]

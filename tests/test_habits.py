@@ -18,7 +18,7 @@ import latent_diffusion.train as ldm_train
 from autoencoderkl.config import load_config
 from autoencoderkl.run import start_run
 from autoencoderkl.train import main as train_vae
-from conftest import reset_accelerate_state, tiny_overrides
+from conftest import tiny_overrides
 from latent_diffusion.config import load_config as load_ldm_config
 from test_ldm import cache, overrides  # noqa: F401  (cache is a fixture)
 

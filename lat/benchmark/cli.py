@@ -66,7 +66,7 @@ torch.cuda.max_memory_allocated on CUDA.
   data costs each rank before the first step: list_images on the folder, the header
   check of every file that ImageFolder(train=True) construction used to do, that
   construction now (lazy: one header), and pickling + unpickling the list as
-  list_images_once sends it to the other ranks. Files: --data FOLDER, or --num-images
+  broadcast_paths sends it to the other ranks. Files: --data FOLDER, or --num-images
   (default 100000) synthetic ones (hard links to 16 tiny PNGs); warm page cache.
 
 Cases (train_vae, train_ldm, sample): "optimized" always: the config plus the fast paths

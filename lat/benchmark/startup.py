@@ -7,7 +7,7 @@ Four cases over the same N files, alternating repeat by repeat (``measure``):
   ``ImageFolder(train=True)`` did at construction before the header check became lazy
   (and what ``train=False`` still does);
 * ``ImageFolder(train=True)``: the construction now (one header read, shared flags);
-* ``serialize_list``: pickling the list as ``list_images_once`` broadcasts it
+* ``serialize_list``: pickling the list as ``broadcast_paths`` sends it
   (``accelerate.utils.broadcast_object_list``) and unpickling it into paths: what a rank
   that receives the list pays, less the transfer.
 
