@@ -295,6 +295,13 @@ def load_rgb(path: PathLike | bytes, name: str | None = None) -> Image.Image:
         raise OSError(f"cannot read image {name}: {exc}") from exc
 
 
+def png_bytes(img: Image.Image) -> bytes:
+    """An image encoded as lossless PNG bytes (for ``write_atomic``, tar shards, reports)."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def load_resized(path: PathLike | bytes, size: int, name: str | None = None) -> Image.Image:
     """``load_rgb``, then the shorter side resized to ``size`` pixels (bicubic, antialiased).
 

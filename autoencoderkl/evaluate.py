@@ -45,7 +45,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from .atomic import write_atomic
-from .data import ImageFolder, list_images, load_rgb, to_tensor
+from .data import ImageFolder, list_images, load_rgb, png_bytes, to_tensor
 from .losses import build_perceptual
 from .metrics import psnr_ssim_8bit, to_uint8_range
 from .model import load_vae, vae_weights_sha256
@@ -296,12 +296,6 @@ def worst_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], gain: int = D
     return sheet
 
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _output_paths(out: Path) -> dict[str, Path]:
     """report.json -> report_per_image.csv, report_worst8.png beside it."""
     return {"report": out, "csv": out.with_name(f"{out.stem}_per_image.csv"),
@@ -468,7 +462,7 @@ def evaluate_vae(
             elif entry > worst[0]:
                 heapq.heapreplace(worst, entry)
             if recon_dir is not None:
-                write_atomic(recon_dir / f"{it['index']:05d}_{path.stem}.png", _png_bytes(Image.fromarray(y8n[b])))
+                write_atomic(recon_dir / f"{it['index']:05d}_{path.stem}.png", png_bytes(Image.fromarray(y8n[b])))
         bar.update(len(x))
     bar.close()
     if not rows:
@@ -524,7 +518,7 @@ def evaluate_vae(
     by_index = {r["index"]: r for r in rows}
     grid = worst_grid([(f"{name}  PSNR {-neg:.2f} dB  SSIM {by_index[i]['ssim']:.3f}", x8, y8)
                        for neg, i, name, x8, y8 in shown])
-    write_atomic(files["worst"], _png_bytes(grid))
+    write_atomic(files["worst"], png_bytes(grid))
     write_json(files["report"], report)
     return report
 

@@ -26,22 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_dir
-from .data import PathLike, class_labels, evenly_spaced, list_images, load_rgb
+from .data import PathLike, class_labels, evenly_spaced, list_images, load_rgb, png_bytes
 
 INDEX_FILE = "index.json"
 # A file's extension -> the WebDataset field its bytes go to (datasets decodes these as images).
 IMAGE_FIELDS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp", ".tif": "tiff",
                 ".tiff": "tiff"}
 IMAGE_FORMATS = ("keep", "png")
-
-
-def _encode_png(path: Path) -> bytes:
-    """The image as ``load_rgb`` decodes it (RGB, EXIF applied, alpha over white), as lossless PNG."""
-    import io
-
-    buffer = io.BytesIO()
-    load_rgb(path).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _sha256(path: Path) -> str:
@@ -129,7 +120,7 @@ def make_shards(
             with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
                 for i in members:
                     sample = {"__key__": f"{i:08d}",
-                              field: paths[i].read_bytes() if image_format == "keep" else _encode_png(paths[i]),
+                              field: paths[i].read_bytes() if image_format == "keep" else png_bytes(load_rgb(paths[i])),
                               "path.txt": str(paths[i].relative_to(root))}
                     if labels is not None:
                         sample["cls"] = labels[i]

@@ -32,7 +32,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .atomic import atomic_path, write_atomic
-from .evaluate import _font, _png_bytes, load_eval_image
+from .data import png_bytes
+from .evaluate import _font, load_eval_image
 from .model import load_vae
 
 PathLike = Union[str, os.PathLike]
@@ -355,7 +356,7 @@ def inspect_vae(
         tensors.append(load_eval_image(p, resolution)[0])
 
     def save(name: str, img: Image.Image) -> None:
-        write_atomic(out / name, _png_bytes(img))
+        write_atomic(out / name, png_bytes(img))
         written[name] = str(out / name)
 
     if len(tensors) >= 2:

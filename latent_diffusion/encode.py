@@ -9,7 +9,7 @@ Reading order of this file:
    weights' fingerprint, ``autoencoderkl.model.vae_weights_sha256``) and the latent size.
 2. ``list_sources`` / ``load_source``: what gets encoded (the images of a folder, with
    labels from class subfolders, or the tiles of the demo photos) and the exact pixels;
-   ``_SourceImages`` / ``_collate`` decode them in DataLoader workers.
+   ``SourceImages`` / ``_collate`` decode them in DataLoader workers.
 3. ``encode_batch``: images -> posterior mean and standard deviation (one VAE forward).
 4. ``_shard_sums`` and ``_ShardWriter``: the float64 sums behind the statistics, and the
    background thread that writes each finished shard.
@@ -219,8 +219,13 @@ def _crop(img: Image.Image, source: Source, resolution: int) -> Tensor:
     return to_tensor(img)
 
 
-class _SourceImages(torch.utils.data.Dataset):
-    """Worker side: position -> (position, pixels or None, failure reason or None)."""
+class SourceImages(torch.utils.data.Dataset):
+    """Sources -> their pixels, in DataLoader workers (the encoder's and ``lat eval-ldm``'s reference).
+
+    Item ``pos`` is ``(pos, pixels, reason)``: pixels (3, resolution, resolution) float32
+    in [-1, 1] as ``load_source`` gives them, or None with the reason the file could not
+    be read (``_collate`` counts those). Consecutive demo tiles of one photo decode it once.
+    """
 
     def __init__(self, sources: Sequence[Source], resolution: int):
         self.sources, self.resolution = sources, resolution
@@ -651,7 +656,7 @@ def _encode_shards(
     ranges = {k: (k * shard_size, min((k + 1) * shard_size, n)) for k in shards}
     positions = [list(range(b, min(b + batch_size, stop))) for start, stop in (ranges[k] for k in shards)
                  for b in range(start, stop, batch_size)]
-    loader = DataLoader(_SourceImages(sources, resolution), batch_sampler=positions, num_workers=num_workers,
+    loader = DataLoader(SourceImages(sources, resolution), batch_sampler=positions, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin, prefetch_factor=4 if num_workers else None)
 
     def batches() -> Any:

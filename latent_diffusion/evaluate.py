@@ -44,12 +44,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from autoencoderkl.atomic import write_atomic
-from autoencoderkl.data import list_images
+from autoencoderkl.data import list_images, png_bytes
 from autoencoderkl.evaluate import (
     FID_RELIABLE_IMAGES,
     UNAVAILABLE,
     WORST_N,
-    _png_bytes,
     find_inception_weights,
     load_eval_image,
     not_tensors_only,
@@ -57,9 +56,10 @@ from autoencoderkl.evaluate import (
     worst_grid,
     write_json,
 )
+from autoencoderkl.metrics import to_uint8_range
 
 from .config import check_sampler
-from .encode import Source, _SourceImages, encode_batch
+from .encode import Source, SourceImages, encode_batch
 from .latents import INDEX_FILE, load_index
 from .export import load_pipeline
 from .pipeline import LatentDiffusionPipeline
@@ -133,11 +133,6 @@ def frechet_distance(a: Union[Tensor, np.ndarray], b: Union[Tensor, np.ndarray])
 # ---- image sets ----------------------------------------------------------------------
 
 
-def _to_uint8(images: Tensor) -> Tensor:
-    """(B, 3, H, W) float in [-1, 1] -> uint8 (B, 3, H, W), rounded as a PNG writer would."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def is_latent_cache(path: PathLike) -> bool:
     """Whether ``path`` is a latent cache folder (it has ``index.json``)."""
     return (Path(path) / INDEX_FILE).is_file()
@@ -176,7 +171,7 @@ def load_reference(
         sources = [Source.parse(name) for name in index["paths"]]
         if max_images is not None:
             sources = evenly_spaced(sources, max_images)
-        loader = _SourceImages(sources, resolution)  # decodes each demo photo once for its tiles
+        loader = SourceImages(sources, resolution)  # decodes each demo photo once for its tiles
         items = [loader[i] for i in tqdm(range(len(sources)), desc="reference", disable=not progress)]
         skipped = [[sources[i].name(), reason] for i, x, reason in items if x is None]
         if len(skipped) == len(sources):
@@ -197,7 +192,7 @@ def load_reference(
         if not crops:
             raise ValueError(f"none of the images in {reference} could be decoded: {skipped[:3]}")
         images, kind = torch.stack(crops), "folder"
-    return {"names": names, "images": _to_uint8(images), "kind": kind, "skipped": skipped}
+    return {"names": names, "images": to_uint8_range(images).to(torch.uint8), "kind": kind, "skipped": skipped}
 
 
 def load_samples(folder: PathLike, resolution: int, paths: Sequence[Path] | None = None) -> dict[str, Any]:
@@ -229,8 +224,8 @@ def load_samples(folder: PathLike, resolution: int, paths: Sequence[Path] | None
         crops.append(image)
     if not crops:
         raise ValueError(f"no generated images in {folder}")
-    return {"names": [Path(p).name for p in paths], "images": _to_uint8(torch.stack(crops)), "resized": resized,
-            "settings": settings}
+    return {"names": [Path(p).name for p in paths], "images": to_uint8_range(torch.stack(crops)).to(torch.uint8),
+            "resized": resized, "settings": settings}
 
 
 # ---- features ------------------------------------------------------------------------
@@ -268,7 +263,7 @@ def reconstruct_images(vae: AutoencoderKL, images: Tensor, batch_size: int, devi
     out = []
     for x in _batches(images, batch_size, device, "reconstruct", False):
         mean, _ = encode_batch(vae, x.float() / 127.5 - 1)
-        out.append(_to_uint8(vae.decode(mean).sample).cpu())
+        out.append(to_uint8_range(vae.decode(mean).sample).to(torch.uint8).cpu())
     return torch.cat(out)
 
 
@@ -623,7 +618,7 @@ def evaluate_ldm(
         rows.append((f"{Path(gen['names'][i]).stem} ~ {Path(ref['names'][j]).name}: {px['nn_distance'][i]:.3f}",
                      gen["images"][i].permute(1, 2, 0).numpy(), ref["images"][j].permute(1, 2, 0).numpy()))
     closest_png = out.with_name(f"{out.stem}_closest{CLOSEST_N}.png")
-    write_atomic(closest_png, _png_bytes(worst_grid(rows)))
+    write_atomic(closest_png, png_bytes(worst_grid(rows)))
     nearest_csv = out.with_name(f"{out.stem}_nearest.csv")
     write_atomic(nearest_csv, _nearest_csv(gen["names"], ref["names"], mem))
     for space in mem.values():  # per-sample lists stay out of the summary report

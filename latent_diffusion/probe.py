@@ -57,7 +57,8 @@ from torch import Tensor
 from autoencoderkl.atomic import write_atomic
 from autoencoderkl.config import find_config
 from autoencoderkl.data import UnreadableImageWarning
-from autoencoderkl.evaluate import _png_bytes, evaluate_vae, write_json
+from autoencoderkl.data import png_bytes
+from autoencoderkl.evaluate import evaluate_vae, write_json
 from autoencoderkl.model import load_vae, vae_weights_sha256
 from autoencoderkl.data import evenly_spaced
 from autoencoderkl.visualize import chart, hstack, read_metrics, to_pil
@@ -413,7 +414,7 @@ def diffusability_report(
         "run": {"seconds": round(time.perf_counter() - t_start, 2), "torch": torch.__version__,
                 "python": platform.python_version()},
     }
-    write_atomic(png, _png_bytes(plot_report(report)))
+    write_atomic(png, png_bytes(plot_report(report)))
     write_json(out, report)
     return report
 
