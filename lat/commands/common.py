@@ -11,11 +11,7 @@ import importlib
 import sys
 from typing import Any, Callable
 
-def config_path(name_or_path: str, stage: str) -> str:
-    """A ``--config`` value -> a YAML file (``autoencoderkl.config.find_config``)."""
-    from autoencoderkl.config import find_config
-
-    return str(find_config(name_or_path, stage))
+from autoencoderkl.config import find_config
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
@@ -34,9 +30,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
 
 
 def load_or_exit(load: Callable[..., Any], config: str, stage: str, overrides: list[str]) -> Any:
-    """``load(path, overrides)``, or exit with ``error: ...`` (status 2) before any work."""
+    """``load(path, overrides)`` of a config path or bundled name, or exit with ``error: ...`` (status 2) before any work."""
     try:
-        return load(config_path(config, stage), overrides)
+        return load(find_config(config, stage), overrides)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
