@@ -50,25 +50,11 @@ from .model import (
     freeze_encoder,
     load_vae,
 )
-from .run import (
-    DATA_STATE,
-    LogWindow,
-    NonFiniteGuard,
-    StopSignals,
-    due,
-    ema_weights,
-    final_weights,
-    infinite_batches,
-    load_checkpoint,
-    load_data_state,
-    log_image,
-    open_logs,
-    optimizer_step,
-    rollback,
-    start_run,
-    validate_and_checkpoint,
-    write_logs,
-)
+from .checkpoints import DATA_STATE, load_checkpoint, load_data_state
+from .faults import NonFiniteGuard, StopSignals, rollback
+from .launch import start_run
+from .logs import LogWindow, log_image, open_logs, write_logs
+from .loop import due, ema_weights, final_weights, infinite_batches, optimizer_step, validate_and_checkpoint
 
 logger = logging.getLogger(__name__)
 

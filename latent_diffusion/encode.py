@@ -68,7 +68,7 @@ from autoencoderkl.data import (
     to_tensor,
 )
 from autoencoderkl.model import load_vae, vae_weights_sha256
-from autoencoderkl.run import build_accelerator, set_cpu_threads
+from autoencoderkl.launch import build_accelerator, set_cpu_threads
 
 from .latents import DTYPES, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_TEMPLATE, PathLike, load_index
 
@@ -542,7 +542,7 @@ def encode_latents(
             main process).
         shard_size: source images per shard file.
         accelerator: an existing ``Accelerator``; by default one is built
-            (``autoencoderkl.run.build_accelerator``: gloo group on CPU under torchrun).
+            (``autoencoderkl.launch.build_accelerator``: gloo group on CPU under torchrun).
         cpu_threads: intra-op threads per process on CPU; None: the cores / processes.
         data_files, split, image_column, label_column: for ``hf:`` sources only, as
             ``open_hf_source``.

@@ -36,24 +36,19 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from autoencoderkl.atomic import atomic_path
-from autoencoderkl.model import load_vae
-from autoencoderkl.run import (
-    LogWindow,
-    NonFiniteGuard,
-    StopSignals,
+from autoencoderkl.checkpoints import load_checkpoint
+from autoencoderkl.faults import NonFiniteGuard, StopSignals, rollback
+from autoencoderkl.launch import start_run
+from autoencoderkl.logs import LogWindow, log_image, open_logs, write_logs
+from autoencoderkl.loop import (
     due,
     ema_weights,
     final_weights,
     infinite_batches,
-    load_checkpoint,
-    log_image,
-    open_logs,
     optimizer_step,
-    rollback,
-    start_run,
     validate_and_checkpoint,
-    write_logs,
 )
+from autoencoderkl.model import load_vae
 
 from .config import LDMConfig, NoiseConfig, default_sampler
 from .latents import LatentDataset, load_index

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from autoencoderkl.config import load_config
 from autoencoderkl.losses import AutoencoderLoss
-from autoencoderkl.run import TrainingStopped
+from autoencoderkl.faults import TrainingStopped
 from autoencoderkl.train import main
 from conftest import reset_accelerate_state, tiny_overrides
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import latent_diffusion.train as ldm_train
-from autoencoderkl.run import TrainingStopped
+from autoencoderkl.faults import TrainingStopped
 from conftest import reset_accelerate_state, torchrun, write_photos
 from latent_diffusion.config import load_config
 from latent_diffusion.encode import encode_latents

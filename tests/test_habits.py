@@ -16,7 +16,7 @@ import yaml
 
 import latent_diffusion.train as ldm_train
 from autoencoderkl.config import load_config
-from autoencoderkl.run import start_run
+from autoencoderkl.launch import start_run
 from autoencoderkl.train import main as train_vae
 from conftest import tiny_overrides
 from latent_diffusion.config import load_config as load_ldm_config

@@ -189,7 +189,7 @@ def fp16_loss_scaling(monkeypatch, scale: float) -> None:
     unscales in clip_grad_norm_ and unscale_gradients), a GradScaler with ``scale``, and
     autocast disabled, so that a power-of-two scale changes no value (x 2^k is exact).
     """
-    import autoencoderkl.run as run_module
+    import autoencoderkl.launch as run_module
     from accelerate.utils import AutocastKwargs
 
     build = run_module.build_accelerator

@@ -31,7 +31,7 @@ def bench_encode(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from autoencoderkl.model import load_vae
-    from autoencoderkl.run import set_cpu_threads
+    from autoencoderkl.launch import set_cpu_threads
     from latent_diffusion.encode import encode_batch, encode_latents, list_sources
 
     resolution, batch_size = args.resolution or 64, args.batch_size or 32

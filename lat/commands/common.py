@@ -61,7 +61,7 @@ def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output
     if args.dry_run:
         return print_dry_run(cfg)
     train = importlib.import_module(module).main
-    from autoencoderkl.run import TrainingStopped
+    from autoencoderkl.faults import TrainingStopped
 
     output_dir = args.output_dir or default_output_dir
     try:
