@@ -39,7 +39,7 @@ def test_spectrum_of_white_noise_is_flat_and_smooth_latents_have_little_high_fre
     noise = torch.randn(400, 4, 8, 8, generator=g)
     white = latent_spectrum([noise[:200], noise[200:]])  # batches accumulate
     assert white["high_frequency_fraction"] == pytest.approx(white["white_noise_fraction"], abs=0.02)
-    assert white["white_noise_fraction"] == pytest.approx(51 / 63)  # bins above 0.25 cycles of an 8 x 8 grid
+    assert white["white_noise_fraction"] == pytest.approx(47 / 63)  # DCT coefficients above 0.25 cycles, 8 x 8 grid
     assert all(p == pytest.approx(1.0, abs=0.1) for p in white["power"])
     coarse = torch.randn(400, 4, 4, 4, generator=g)  # bilinear upsampling: smooth latents
     smooth = torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=True)
@@ -153,13 +153,18 @@ def test_report_holds_every_field_for_two_vaes_and_the_command_prints_the_table(
         assert {"frequency", "power", "high_frequency_fraction", "white_noise_fraction"} <= set(vae["spectrum"])
         probe = vae["probe"]
         assert probe["steps"][-1] == 20 and len(probe["loss"]) == len(probe["steps"])
-        assert {"final", "area", "iid_gaussian_loss", "timesteps", "seconds"} <= set(probe)
-        assert set(vae["seconds"]) == {"reconstruction", "encode", "probe", "total"}
+        assert {"final", "area", "iid_gaussian_loss", "final_relative", "area_relative", "timesteps", "seconds"} <= set(probe)
+        assert probe["final_relative"] == pytest.approx(probe["final"] / probe["iid_gaussian_loss"])
+        assert set(vae["seconds"]) == {"reconstruction", "encode", "probe", "interpolation", "total"}
+        interp = vae["interpolation"]
+        assert interp["num_heldout"] == 2 and interp["num_train"] == 10 and interp["fid"] == "unavailable"
+        assert set(interp["swd"]["levels"]) == {"16"} and interp["swd"]["average"] > 0
         assert Path(vae["reconstruction"]["report"]).is_file()
     # The same images, seed and config: the VAEs differ, so do their curves.
     assert report["vaes"][0]["probe"]["loss"] != report["vaes"][1]["probe"]["loss"]
     assert report["data"]["num_train"] == 10 and report["probe"]["steps"] == 20
+    assert (report["data"]["num_train_sources"], report["data"]["num_heldout_sources"]) == (10, 2)
     assert Path(report["files"]["png"]).stat().st_size > 0
-    assert printed.count("\n") >= 4 and "probe final" in printed and "vae1" in printed
+    assert printed.count("\n") >= 4 and "probe final" in printed and "interp SWD" in printed and "vae1" in printed
     assert format_table(report).splitlines()[1].startswith("vae0")
     assert not list(out.parent.glob(".report-probe-*")), "the temporary work dir was not removed"
