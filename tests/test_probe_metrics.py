@@ -201,19 +201,21 @@ def test_slerp_stays_on_the_sphere_and_hits_its_ends():
     assert torch.equal(slerp(z1, z1, 0.5), z1)  # same direction: the linear fallback
 
 
-def test_interpolation_check_decodes_midpoints_to_the_nearest_training_latent(tmp_path):
+def test_interpolation_check_decodes_midpoints_to_the_nearest_training_latent(tmp_path, random_inception_weights):
     from test_ldm import tiny_vae
 
     tiny_vae(0).save_pretrained(tmp_path / "vae")
     write_tiles(tmp_path / "src", photos=6, tiles=1)
     prepare_probe_images(tmp_path / "src", 16, tmp_path / "images", heldout_fraction=0.34)
-    out = interpolation_check(tmp_path / "vae", tmp_path / "images")
-    assert out["num_heldout"] == 2 and out["num_train"] == 4 and out["fid"] == "unavailable"
+    out = interpolation_check(tmp_path / "vae", tmp_path / "images", fid="auto", inception_weights=random_inception_weights)
+    assert out["num_heldout"] == 2 and out["num_train"] == 4
+    assert isinstance(out["fid"], float) and isinstance(out["fid_reconstruction"], float)
+    assert "biased upward" in out["fid_note"]
     assert out["swd"]["average"] != out["swd_reconstruction"]["average"]
     # Held-out crops that are also training crops: each is its own nearest neighbour, the
     # midpoint is the latent itself, and the interpolation score is the reconstruction's.
     for p in (tmp_path / "images" / "heldout").glob("*.png"):
         shutil.copy(p, tmp_path / "images" / "train" / f"copy-{p.name}")
-    same = interpolation_check(tmp_path / "vae", tmp_path / "images")
-    assert same["neighbour_cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
+    same = interpolation_check(tmp_path / "vae", tmp_path / "images")  # fid="off"
+    assert same["fid"] == "unavailable" and same["neighbour_cosine"]["min"] == pytest.approx(1.0, abs=1e-5)
     assert same["swd"]["average"] == pytest.approx(same["swd_reconstruction"]["average"], rel=1e-4)
