@@ -91,16 +91,16 @@ class LossConfig:
     # (same gradients, one LPIPS and one PatchGAN backward fewer than LDM's three passes).
     # fp16 runs use LDM's way (the shared gradients would be taken before loss scaling).
     shared_backward: bool = True
-    # Equivariance regulariser (EQ-VAE, Kouzelis et al. 2025; scale equivariance,
-    # Skorokhodov et al. 2025): with probability equivariance_prob per optimizer step, one
-    # spatial transform tau (downscale by 2 or 4/3, antialiased; rotation by 90/180/270
-    # degrees) is applied to the posterior sample z and to the images x, and
-    # equivariance_weight x the same pixel + LPIPS NLL of (tau(x), decode(tau(z))) is added
-    # (autoencoderkl.losses.equivariance_transform). 0 = off (the run is then bit-identical
-    # to one without the regulariser). Logged as eq_loss (0 on steps without a transform)
-    # and eq_applied (the share of steps with one).
-    equivariance_weight: float = 0.0
-    equivariance_prob: float = 0.5  # EQ-VAE applies its regulariser on half the steps
+    # EQ-VAE's equivariance regularisation as published (Kouzelis et al. 2025; zelaki/eqvae;
+    # autoencoderkl.equivariance): off | eqvae. eqvae: on a share equivariance_prob of the
+    # optimizer steps, z and x are downscaled by s in {8/32, ..., 31/32} AND rotated by
+    # 90/180/270 degrees, and (tau(x), decode(tau(z))) replace the inputs of the whole loss
+    # (pixel + LPIPS NLL, KL, GAN terms with the adaptive weight, discriminator); a share
+    # equivariance_prior_scale_prob of the other steps reconstructs an image downscaled by
+    # such an s ("prior preservation"). Logged as eq_applied and eq_lowres (shares of steps).
+    equivariance: str = "off"
+    equivariance_prob: float = 0.5  # EQ-VAE's p_prior: share of steps with the transformed pair
+    equivariance_prior_scale_prob: float = 0.25  # EQ-VAE's p_prior_s: of the other steps, share at low resolution
 
 
 @dataclass
@@ -253,6 +253,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.pixel_loss": ("l1", "l2"),
     "loss.perceptual_pretrained": ("true", "false", "auto"),
     "loss.disc_loss": ("hinge", "vanilla"),
+    "loss.equivariance": ("off", "eqvae"),
     "data.source": ("folder", "demo", "hf"),
     **LOOP_CHOICES,
 }
@@ -448,8 +449,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         FileNotFoundError, ValueError: as ``merge_config``; also ValueError when
             ``data.resolution`` is not a positive multiple of 8, ``data.resize`` is smaller
             than the crop, ``data.source=folder`` has no ``data.train_dir``,
-            ``data.source=hf`` misses a key (``check_hf_data``), or the equivariance weight
-            is negative or its probability outside [0, 1].
+            ``data.source=hf`` misses a key (``check_hf_data``), or an equivariance
+            probability lies outside [0, 1].
     """
     cfg = merge_config(VAEConfig, yaml_path, overrides, CHOICES)
     d = cfg.data
@@ -462,10 +463,9 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     if d.source == "hf":
         check_hf_data(d)
     check_loop_config(cfg, extra_positive=("data.val_grid", "data.num_val_images"))
-    if cfg.loss.equivariance_weight < 0:
-        raise ValueError(f"loss.equivariance_weight must be >= 0 (0 = off), got {cfg.loss.equivariance_weight}")
-    if not 0.0 <= cfg.loss.equivariance_prob <= 1.0:
-        raise ValueError(f"loss.equivariance_prob must lie in [0, 1], got {cfg.loss.equivariance_prob}")
+    for key in ("equivariance_prob", "equivariance_prior_scale_prob"):
+        if not 0.0 <= getattr(cfg.loss, key) <= 1.0:
+            raise ValueError(f"loss.{key} must lie in [0, 1], got {getattr(cfg.loss, key)}")
     return cfg
 
 

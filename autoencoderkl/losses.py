@@ -11,8 +11,6 @@ Reductions, so that the weights in ``LossConfig`` mean something:
 - ``nll_loss``: per-pixel NLL summed over (3, H, W), mean over the batch.
 - ``kl_loss``: KL to N(0, I) summed over (c, h, w), mean over the batch.
 - ``g_loss`` / ``d_loss``: means over batch and patch logits.
-- ``eq_loss`` (the equivariance regulariser, off by default): as ``nll_loss``, on the
-  transformed pair (tau(x), decode(tau(z))), without the ``+ logvar`` normaliser.
 
 Perceptual weights: ``build_perceptual`` gives LPIPS with torchvision's VGG16 ImageNet
 weights (``VGG16_FILE`` under ``torch.hub.get_dir()/checkpoints``), or a random backbone
@@ -23,12 +21,10 @@ from __future__ import annotations
 
 import socket
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import lpips
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,99 +70,7 @@ def vanilla_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
 D_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-# ---- the equivariance regulariser's spatial transforms -----------------------------------
-
-# tau -> (downscaling factor or None for a rotation, what h and w must be divisible by).
-# Each is applied alike to images (B, 3, H, W) and latents (B, c, h, w) with H = f h, so
-# the pixel and latent grids stay aligned.
-EQUIVARIANCE_TRANSFORMS: dict[str, tuple[float | None, int]] = {
-    "down2": (2.0, 2), "down4/3": (4.0 / 3.0, 4), "rot90": (None, 1), "rot180": (None, 1), "rot270": (None, 1),
-}
 LPIPS_MIN_SIZE = 16  # LPIPS' VGG pools four times; smaller images get the pixel term only
-# Mixed into the seed of the per-step draw, so it never coincides with another seeded stream.
-_EQUIVARIANCE_STREAM = 0x45515641  # "EQVA"
-
-
-@dataclass(frozen=True)
-class SpatialTransform:
-    """One transform tau of the equivariance regulariser, applied alike to x and to z.
-
-    What each does to the latent grid (c, h, w) of a kl-f8 model (f = 8):
-
-    - ``down2``: (h, w) -> (h/2, w/2); each new cell is a tent-filtered (antialiased
-      bilinear) average of about 2 x 2 cells, and the image goes from (8h, 8w) to
-      (4h, 4w) with the same filter. Scale equivariance: the latent of the half-size
-      image should be the half-size latent (Skorokhodov et al. 2025 regularise exactly
-      this, and it removes high-frequency energy the decoder could otherwise rely on).
-    - ``down4/3``: (h, w) -> (3h/4, 3w/4) (needs h, w divisible by 4): a resampling
-      whose ratio is not an integer, so new cells mix neighbours with fractional weights
-      and no cell-aligned pattern survives it unchanged.
-    - ``rot90`` / ``rot180`` / ``rot270``: ``torch.rot90`` of both grids (k = 1, 2, 3 in
-      the (h, w) plane): an exact permutation of the cells, channel vectors unchanged,
-      (h, w) -> (w, h) for the odd ones. An encoder/decoder pair is not rotation
-      equivariant by construction; EQ-VAE (Kouzelis et al. 2025) asks the decoder to
-      turn a rotated latent into the rotated image.
-
-    Attributes:
-        name: a key of ``EQUIVARIANCE_TRANSFORMS``.
-    """
-
-    name: str
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """tau(x).
-
-        Args:
-            x: (B, C, H, W) images in [-1, 1] or latents, any float dtype.
-        Returns:
-            (B, C, H', W') in x's dtype: (H/2, W/2), (3H/4, 3W/4) or the rotated grid
-            (H and W swapped for 90 and 270 degrees). Differentiable.
-        """
-        factor, _ = EQUIVARIANCE_TRANSFORMS[self.name]
-        if factor is None:
-            return torch.rot90(x, k=int(self.name[3:]) // 90, dims=(-2, -1))
-        h, w = x.shape[-2:]
-        size = (round(h / factor), round(w / factor))
-        # float32: antialiased resampling of bf16/fp16 tensors is not supported everywhere.
-        return F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False).to(x.dtype)
-
-
-def equivariance_transforms(latent_hw: tuple[int, int]) -> list[str]:
-    """The transforms that map a (h, w) latent grid onto whole cells.
-
-    Every rotation; ``down2`` when h and w are even; ``down4/3`` when both are divisible
-    by 4. Returns names in ``EQUIVARIANCE_TRANSFORMS`` order.
-    """
-    h, w = latent_hw
-    return [name for name, (_, divisor) in EQUIVARIANCE_TRANSFORMS.items() if h % divisor == 0 and w % divisor == 0]
-
-
-def draw_equivariance_transform(
-    weight: float, prob: float, seed: int, global_step: int, latent_hw: tuple[int, int]
-) -> SpatialTransform | None:
-    """This optimizer step's tau, or None (regulariser off, or not drawn this step).
-
-    A pure function of ``(seed, global_step)``: numpy's ``default_rng`` seeded with both
-    (and a constant naming this stream), no global RNG touched. So every micro-batch of a
-    step and every process draw the same tau (the global batch is transformed as one
-    batch, as EQ-VAE draws one per batch), a resumed run replays the draws exactly with
-    nothing kept in the checkpoint, and a run with ``weight`` 0 consumes no randomness.
-
-    Args:
-        weight: ``loss.equivariance_weight``; 0 returns None without drawing.
-        prob: ``loss.equivariance_prob``, the chance that a step gets a transform.
-        seed: ``train.seed``.
-        global_step: optimizer steps taken so far.
-        latent_hw: (h, w) of this step's latents, which decides the candidates
-            (``equivariance_transforms``); the choice among them is uniform.
-    """
-    if weight <= 0:
-        return None
-    rng = np.random.default_rng([_EQUIVARIANCE_STREAM, seed, global_step])
-    if rng.random() >= prob:
-        return None
-    names = equivariance_transforms(latent_hw)
-    return SpatialTransform(names[int(rng.integers(len(names)))])
 
 
 def vgg16_weights_path() -> Path:
@@ -401,7 +305,6 @@ class AutoencoderLoss(nn.Module):
         last_layer: nn.Parameter | None,
         discriminator: nn.Module | None,
         shared_backward: bool = False,
-        equivariance: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's loss (LDM ``LPIPSWithDiscriminator.forward``, optimizer_idx 0).
 
@@ -423,18 +326,12 @@ class AutoencoderLoss(nn.Module):
                 whose backward reuses those gradients (``_shared_backward_loss``): same
                 value and gradients, fewer FLOPs. Not for fp16 autocast (the shared
                 gradients are taken before the GradScaler scales the loss).
-            equivariance: ``(tau(x), decode(tau(z)))`` on steps the regulariser drew a
-                transform (``draw_equivariance_transform``), else None. With
-                ``cfg.equivariance_weight`` > 0, ``equivariance_weight * eq_loss``
-                (``equivariance_loss``) is added to ``loss``; with 0 it is ignored.
         Returns:
             ``(loss, logs)``: ``loss`` a () float32 scalar to backpropagate; ``logs`` python
             floats ``loss``, ``nll_loss`` (sum over pixels, mean over batch), ``rec_loss``
             (per-element mean of the pixel + weighted LPIPS term), ``p_loss`` (mean LPIPS,
             0 when off), ``kl_loss`` (sum over (c, h, w), mean over batch), ``g_loss``,
-            ``d_weight``, ``disc_factor`` (0 before ``disc_start``), ``logvar``; with the
-            regulariser on also ``eq_loss`` (0 without a transform) and ``eq_applied``
-            (1.0 or 0.0).
+            ``d_weight``, ``disc_factor`` (0 before ``disc_start``), ``logvar``.
         Raises:
             ValueError: if the GAN term is on and ``last_layer`` is None, or if inputs and
                 reconstructions differ in shape.
@@ -479,11 +376,6 @@ class AutoencoderLoss(nn.Module):
             loss = nll_loss + self.cfg.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         names = ["loss", "nll_loss", "rec_loss", "p_loss", "kl_loss", "g_loss", "d_weight", "logvar"]
         terms = [nll_loss, rec_loss.mean(), p_loss.mean(), kl_loss, g_loss, d_weight, logvar]
-        if self.cfg.equivariance_weight > 0:  # (off: the same graph and logs as without the regulariser)
-            eq_loss = self.equivariance_loss(*equivariance) if equivariance is not None else zero
-            loss = loss + self.cfg.equivariance_weight * eq_loss  # its own graph: outside the adaptive weight
-            names += ["eq_loss", "eq_applied"]
-            terms += [eq_loss, torch.full((), float(equivariance is not None), device=x.device)]
         values = torch.stack([loss, *terms]).detach().tolist()  # one device sync
         logs = dict(zip(names, values))
         logs["disc_factor"] = disc_factor
@@ -514,32 +406,6 @@ class AutoencoderLoss(nn.Module):
         else:
             p_loss = torch.zeros((), device=x.device)
         return rec_loss, p_loss
-
-    def equivariance_loss(self, transformed_inputs: Tensor, transformed_reconstructions: Tensor) -> Tensor:
-        """The equivariance term: the NLL of decode(tau(z)) against tau(x), without ``+ logvar``.
-
-        EQ-VAE (Kouzelis et al. 2025, "EQ-VAE: Equivariance Regularized Latent Space for
-        Improved Generative Image Modeling") asks the decoder to turn a transformed
-        latent tau(z) into the transformed image tau(x), with the autoencoder's own
-        reconstruction loss; Skorokhodov et al. 2025 ("Improving the Diffusability of
-        Autoencoders") do the same for downscaling alone, to strip the latents of
-        the high-frequency energy that makes them hard for a diffusion model. Here the
-        loss is the main term's: ``sum(rec_loss(tau(x), x_hat_tau) / exp(logvar)) / B``
-        (pixel + weighted LPIPS, summed over pixels, mean over the batch; the ``+ logvar``
-        normaliser is counted once, by ``nll_loss``). The gradient reaches the decoder
-        and, through the reparameterised z = mean + std * eps, the encoder. The GAN term
-        is not applied to the transformed decode.
-
-        Args:
-            transformed_inputs: tau(x), (B, 3, H', W') float in [-1, 1], no gradient.
-            transformed_reconstructions: decode(tau(z)), (B, 3, H', W'), with its graph.
-        Returns:
-            () float32 scalar, ``eq_loss`` (before ``equivariance_weight``).
-        Raises:
-            ValueError: if the two differ in shape.
-        """
-        rec_loss, _ = self.rec_loss(transformed_inputs, transformed_reconstructions)
-        return torch.sum(rec_loss / torch.exp(self.logvar.float())) / rec_loss.shape[0]
 
     def discriminator_loss(
         self,

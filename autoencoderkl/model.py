@@ -431,31 +431,29 @@ class AutoencoderWithPosterior(nn.Module):
     def forward(
         self, images: Tensor, sample_posterior: bool = True, latent_transform: Callable[[Tensor], Tensor] | None = None
     ) -> tuple[Tensor, ...]:
-        """Encode, draw z from the posterior, decode (and decode a transformed z).
+        """Encode, draw z from the posterior, decode it (or a transformed z).
 
         Args:
             images: (B, 3, H, W) float in [-1, 1]; H and W divisible by f.
             sample_posterior: z ~ N(mean, std^2) (training) or z = mean.
-            latent_transform: tau of the equivariance regulariser
-                (``autoencoderkl.losses.SpatialTransform``), or None. Given, the same z
-                is also decoded as decode(tau(z)) inside this forward, so under DDP its
-                gradients are all-reduced with the rest (a decode through the unwrapped
-                model after the forward would escape the synchronisation).
+            latent_transform: tau of EQ-VAE's equivariance step
+                (``autoencoderkl.equivariance.EquivarianceStep``), or None. Given, the
+                decoder reconstructs tau(z) instead of z (EQ-VAE's ``forward``), inside
+                this forward, so under DDP its gradients are all-reduced as usual.
         Returns:
-            reconstructions: (B, 3, H, W), unclamped, in the autocast dtype.
-            moments: (B, 2c, H/f, W/f) posterior mean and logvar concatenated on the
-                channel axis; ``DiagonalGaussianDistribution(moments)`` rebuilds it.
-            transformed reconstructions: only with ``latent_transform``: decode(tau(z)),
-                (B, 3, H', W') with tau's output grid times f.
+            reconstructions: (B, 3, H, W) decode(z), or decode(tau(z)) (B, 3, H', W')
+                with tau's output grid times f; unclamped, in the autocast dtype.
+            moments: (B, 2c, H/f, W/f) posterior mean and logvar (of the untransformed
+                images) concatenated on the channel axis;
+                ``DiagonalGaussianDistribution(moments)`` rebuilds it.
         """
         encoder_frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mode()
-        reconstructions = self.vae.decode(z).sample
-        if latent_transform is None:
-            return reconstructions, posterior.parameters
-        return reconstructions, posterior.parameters, self.vae.decode(latent_transform(z)).sample
+        if latent_transform is not None:
+            z = latent_transform(z)
+        return self.vae.decode(z).sample, posterior.parameters
 
 
 @torch.no_grad()

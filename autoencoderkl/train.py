@@ -7,9 +7,10 @@ fails before any model is built or any download is tried; the output dir is crea
 
 One encoder/decoder forward per optimizer step feeds both the autoencoder update and the
 discriminator update (on the detached reconstruction), as in LDM's
-``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022). With ``loss.equivariance_weight``
-> 0, some steps also decode a transformed latent tau(z) in that forward (EQ-VAE, Kouzelis
-et al. 2025; see ``autoencoderkl.losses``).
+``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022). With ``loss.equivariance=eqvae``
+that forward decodes a transformed latent tau(z) instead on some steps, and (tau(x),
+decode(tau(z))) are the loss's inputs; on some others the image is downscaled first
+(EQ-VAE, Kouzelis et al. 2025; see ``autoencoderkl.equivariance``).
 
 Launch with ``accelerate launch -m lat train-vae --config ...`` (any number of
 processes) or ``torchrun --nproc_per_node N -m lat train-vae ...``.
@@ -40,7 +41,8 @@ from .config import VAEConfig
 from .data import ImageFolder, broadcast_paths, demo_image_paths, evenly_spaced, list_images
 from .discriminator import NLayerDiscriminator
 from .hf_data import HFImageStream, StreamBatches, open_hf_training
-from .losses import AutoencoderLoss, build_perceptual, draw_equivariance_transform
+from .equivariance import draw_equivariance_step, equivariance_scales, patchgan_min_size
+from .losses import AutoencoderLoss, build_perceptual
 from .metrics import psnr_ssim_8bit
 from .model import (
     AutoencoderWithPosterior,
@@ -293,23 +295,34 @@ def main(
     # One LPIPS and one PatchGAN backward per step once the GAN is on (not under fp16: the
     # shared gradients would be taken before the GradScaler scales the loss).
     shared_backward = cfg.loss.shared_backward and cfg.train.mixed_precision != "fp16"
+    # EQ-VAE's scales that give whole latent cells and an image the loss can score (the
+    # PatchGAN's smallest input, unless disc_factor is 0). Not tied to disc_start or
+    # max_steps: a resumed run with another max_steps must replay the same draws.
+    eq_scales = equivariance_scales((cfg.data.resolution // f,) * 2, f,
+                                    patchgan_min_size(cfg.loss.disc_num_layers) if cfg.loss.disc_factor > 0 else f)
     with StopSignals() as stop:  # SIGTERM/SIGINT end the step, write a checkpoint and stop
         while global_step < cfg.train.max_steps:
             with accelerator.accumulate(vae_forward, discriminator):
                 images = next(batches).to(accelerator.device, memory_format=memory_format, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-                # Equivariance regulariser: this step's tau, a function of (seed, step); None when off.
-                tau = draw_equivariance_transform(cfg.loss.equivariance_weight, cfg.loss.equivariance_prob,
-                                                  cfg.train.seed, global_step, (images.shape[-2] // f, images.shape[-1] // f))
-                # (B, 3, H, W), (B, 2c, h, w) [, decode(tau(z)) (B, 3, H', W')]
-                reconstructions, moments, *transformed = vae_forward(images, latent_transform=tau)
-                posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
-                equivariance = (tau(images), transformed[0]) if tau is not None else None
+                # EQ-VAE: this step's draw, a function of (seed, step); None: an ordinary step.
+                eq = draw_equivariance_step(cfg.loss.equivariance, cfg.loss.equivariance_prob,
+                                            cfg.loss.equivariance_prior_scale_prob, cfg.train.seed, global_step, eq_scales)
+                if eq is not None and eq.kind == "prior_lowres":
+                    images = eq(images, f)  # (B, 3, f h', f w'): the encoder sees the downscaled image
+                tau = eq if eq is not None and eq.kind == "equivariance" else None
+                # (B, 3, H, W) decode(z), or decode(tau(z)) on an equivariance step; (B, 2c, h, w)
+                reconstructions, moments = vae_forward(images, latent_transform=tau)
+                posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves (of x, untransformed)
+                if tau is not None:
+                    images = tau(images, f)  # tau(x): the input of every loss term below, as EQ-VAE
 
                 # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
                 # reconstruction without collecting gradients of its own.
                 with accelerator.autocast():
                     loss_g, logs = loss_fn.generator_loss(images, reconstructions, posterior, global_step, last_layer,
-                                                          disc_unwrapped, shared_backward, equivariance)
+                                                          disc_unwrapped, shared_backward)
+                if cfg.loss.equivariance != "off":
+                    logs.update(eq_applied=float(tau is not None), eq_lowres=float(eq is not None and tau is None))
                 accelerator.backward(loss_g)
                 if accelerator.sync_gradients and cfg.loss.learn_logvar and accelerator.num_processes > 1:
                     loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")

@@ -64,6 +64,7 @@ from .latents import INDEX_FILE, load_index
 from .export import load_pipeline
 from .pipeline import LatentDiffusionPipeline
 from .sample import sample
+from .swd import swd
 
 logger = logging.getLogger(__name__)
 
@@ -350,19 +351,34 @@ def inception_metrics(generated: Tensor, reference: Tensor) -> dict[str, Any]:
 
     FID: ``frechet_distance``. KID (Binkowski et al. 2018) and precision/recall
     (Kynkaanniemi et al. 2019, k = 3): torch-fidelity's ``kid_features_to_metric`` and
-    ``prc_features_to_metric`` (generated first), KID over 100 subsets of min(1000, N)
-    with torch-fidelity's seed.
+    ``prc_features_to_metric`` (generated first), KID over 100 subsets of 1000 with
+    torch-fidelity's seed; with N < 1000 images, subsets of N // 2 (subsets of all N would
+    all be the same set and give a std of exactly 0), and ``kid_note`` says so; with
+    N < 4, KID is "unavailable".
     """
     from torch_fidelity.defaults import DEFAULTS
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    subset = min(KID_SUBSET_SIZE, len(generated), len(reference))
-    kid = kid_features_to_metric(generated, reference, kid_subsets=KID_SUBSETS, kid_subset_size=subset, verbose=False)
-    out = {"fid": frechet_distance(generated, reference),
-           "kid": {"mean": float(kid["kernel_inception_distance_mean"]),
-                   "std": float(kid["kernel_inception_distance_std"]),
-                   "subsets": KID_SUBSETS, "subset_size": subset, "seed": DEFAULTS["rng_seed"]}}
+    n = min(len(generated), len(reference))
+    # Subsets of the whole set would all be the whole set (std exactly 0): below 1000
+    # images, half-size subsets, whose spread is real (about sqrt(2) x that of a
+    # whole-set estimate).
+    subset = KID_SUBSET_SIZE if n >= KID_SUBSET_SIZE else n // 2
+    out: dict[str, Any] = {"fid": frechet_distance(generated, reference)}
+    if subset < 2:
+        out["kid"] = UNAVAILABLE
+        out["kid_note"] = f"KID needs subsets of at least 2 images of each set; there are {n}"
+    else:
+        kid = kid_features_to_metric(generated, reference, kid_subsets=KID_SUBSETS, kid_subset_size=subset,
+                                     verbose=False)
+        out["kid"] = {"mean": float(kid["kernel_inception_distance_mean"]),
+                      "std": float(kid["kernel_inception_distance_std"]),
+                      "subsets": KID_SUBSETS, "subset_size": subset, "seed": DEFAULTS["rng_seed"]}
+        if subset < KID_SUBSET_SIZE:
+            out["kid_note"] = (f"{n} images (< {KID_SUBSET_SIZE}): mean and std over {KID_SUBSETS} random subsets "
+                               f"of {subset} (half the set), so that they differ; the std is the spread of a "
+                               f"half-size estimate")
     if min(len(generated), len(reference)) > PRC_NEIGHBOURHOOD:
         prc = prc_features_to_metric(generated, reference, prc_neighborhood=PRC_NEIGHBOURHOOD, verbose=False)
         out.update(precision=float(prc["precision"]), recall=float(prc["recall"]))
@@ -508,7 +524,9 @@ def evaluate_ldm(
     Figures (each in the report with a note on what it is): FID, KID and precision /
     recall on Inception features and FD_DINOv2 when those networks' weights are on this
     machine ("unavailable" with the file and where to put it otherwise); always the
-    latent FD (``frechet_distance`` of the pipeline VAE's posterior means of both sets,
+    sliced Wasserstein distance on Laplacian-pyramid patches (``latent_diffusion.swd``)
+    of the samples against the held-out images (the reference without ``heldout``) and
+    its floor (held-out vs reference); always the latent FD (``frechet_distance`` of the pipeline VAE's posterior means of both sets,
     flattened (c * h * w), in the U-Net's scaled units: a sanity score for comparing
     runs on one VAE, not a literature metric) and ``memorisation`` in pixel space (the
     sample size, [0, 1]) and latent space, with a PNG of the ``CLOSEST_N`` samples
@@ -589,6 +607,11 @@ def evaluate_ldm(
         "latent": memorisation(lat_gen, lat_ref, lat_trip, floor_lat, leave_one_out=held is None),
     }
     latent_fd = frechet_distance(lat_gen, lat_ref)
+    # Sliced Wasserstein distance on Laplacian-pyramid patches: samples vs held-out images
+    # (vs the reference when none are given), beside its floor, held-out vs reference.
+    swd_against = held if held is not None else ref
+    report_swd = swd(swd_against["images"], gen["images"], seed=seed)
+    swd_floor = swd(held["images"], ref["images"], seed=seed) if held is not None else None
 
     # ---- optional: Inception and DINOv2 features -------------------------------------
     report_fid: dict[str, Any] = {k: UNAVAILABLE for k in ("fid", "kid", "precision", "recall")}
@@ -597,6 +620,8 @@ def evaluate_ldm(
         feats = [extract_features(inception.to(dev), s["images"], batch_size, dev, "inception", progress)
                  for s in (gen, ref)]
         report_fid = inception_metrics(*feats)
+        if "kid_note" in report_fid:
+            notes["kid"] = report_fid.pop("kid_note")
         if min(len(f) for f in feats) < FID_RELIABLE_IMAGES:
             notes["inception"] += (f"; {len(feats[0])} generated vs {len(feats[1])} reference images (< "
                                    f"{FID_RELIABLE_IMAGES}): FID is biased upward, compare only at equal counts")
@@ -638,6 +663,8 @@ def evaluate_ldm(
                                               "num_images": len(held["names"])},
         **report_fid,
         "fd_dinov2": fd_dinov2,
+        "swd": report_swd,
+        "swd_floor": swd_floor,
         "latent_fd": latent_fd,
         "memorisation": {**mem, "closest": closest, "closest_png": str(closest_png), "nearest_csv": str(nearest_csv)},
         "notes": {
@@ -653,6 +680,11 @@ def evaluate_ldm(
                              ": what new images score; copy_floor: each reference image to its own round trip, what "
                              "a copy scores; near_copies: samples at or below the floor's 95th percentile, None when "
                              "that is not below the baseline's 5th percentile (copies indistinguishable)"),
+            "swd": ("sliced Wasserstein distance x 1e3 on 7x7 Laplacian-pyramid patches (Karras et al. 2018), per "
+                    "level and averaged, of the generated images against the " + ("held-out images" if held else
+                    "reference (training) images: copies of them would score like real images") + "; swd_floor: "
+                    "the held-out images against the reference, what new real images score. Lower is better; "
+                    "biased upward at small counts: compare at equal counts"),
             "reference_images": ("the exact crops the latent cache encoded, reloaded from the sources in its "
                                  "index.json" if ref["kind"] == "latent_cache" else
                                  "centre crops, shorter side resized to the sample size (bicubic, antialiased)"),

@@ -8,8 +8,8 @@ measures it for any set of ``AutoencoderKL`` on the same images, with the same s
 stage-2 model, seed and budget:
 
 1. ``prepare_probe_images``: the crops every VAE is judged on (a folder, or ``"demo"``:
-   the tiles of the photos scikit-image ships), written once as 8-bit PNGs, split into a
-   training part and a fixed, evenly spaced held-out part.
+   the tiles of the photos scikit-image ships), written once as 8-bit PNGs, split BY
+   SOURCE PHOTO into a training part and a fixed held-out part (no photo on both sides).
 2. For each VAE (``probe_vae``): both parts are encoded into latent caches by
    ``latent_diffusion.encode.encode_latents`` (posterior means are what is used); the
    latents are normalised with that VAE's own measured GLOBAL mean and std over its
@@ -22,12 +22,16 @@ stage-2 model, seed and budget:
    epsilon MSE on held-out latents at ``VAL_TIMESTEPS`` evenly spaced t with fixed
    noise, every ``train.validation_steps``. Reported: the curve, its final value, and
    its area (the trapezoidal integral over steps divided by the steps: the mean held-out
-   loss over the run, which also rewards learning early). Beside it, the loss an ideal
-   denoiser reaches on i.i.d. Gaussian latents with the same per-channel variances
-   (``iid_gaussian_loss``): a probe loss near it means the U-Net found no structure.
-3. The latents' radial power spectrum and their energy share above half the Nyquist
+   loss over the run, which also rewards learning early). Beside it, the i.i.d.
+   reference (``iid_gaussian_loss``: the epsilon-MSE of the best predictor that knows
+   only each channel's mean and variance) and the probe's ratio to it: near 1 means the
+   U-Net found no structure.
+3. The latents' radial DCT power spectrum and their energy share above half the Nyquist
    frequency (``latent_diffusion.spectrum``), and per-channel mean and std.
-4. ``diffusability_report``: also the reconstruction metrics of every VAE on the same
+4. ``interpolation_check``: training-free, decodes of latent midpoints between each
+   held-out crop and its nearest training crop, scored against the held-out crops with
+   the sliced Wasserstein distance (``latent_diffusion.swd``).
+5. ``diffusability_report``: also the reconstruction metrics of every VAE on the same
    crops (``autoencoderkl.evaluate.evaluate_vae``); ``report.json`` with all of it, one
    PNG with the probe curves and the spectra overlaid, and a table (``format_table``).
 
@@ -43,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -50,24 +55,28 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from autoencoderkl.atomic import write_atomic
 from autoencoderkl.config import find_config
-from autoencoderkl.data import UnreadableImageWarning
+from autoencoderkl.data import DEMO_VAL, UnreadableImageWarning
 from autoencoderkl.data import png_bytes
-from autoencoderkl.evaluate import evaluate_vae, write_json
+from autoencoderkl.evaluate import UNAVAILABLE, evaluate_vae, write_json
+from autoencoderkl.metrics import to_uint8_range
 from autoencoderkl.model import load_vae, vae_weights_sha256
 from autoencoderkl.data import evenly_spaced
 from autoencoderkl.visualize import chart, hstack, read_metrics, to_pil
 
 from .config import load_config
-from .encode import PathLike, list_sources, load_source
+from .encode import PathLike, Source, encode_batch, list_sources, load_source
 from .latents import load_index, map_shard
 from .model import build_noise_scheduler
 from .spectrum import HALF_NYQUIST, latent_spectrum
+from .swd import swd
 from .train import main as train_ldm
 from .train import validation_timesteps
 
@@ -82,8 +91,30 @@ TRAIN, HELDOUT = "train", "heldout"  # the two folders of probe images
 # ---- 1. the images ----------------------------------------------------------------------
 
 
+def source_group(source: Source, root: Path | None, pattern: re.Pattern | None) -> str:
+    """The source photo an image was cut from: images of one group never straddle the split.
+
+    A demo tile: its photo. A folder image: the file itself, or with ``pattern`` the
+    first match of the regular expression in its path relative to ``root`` (its first
+    group if it has one), e.g. ``^[^/]+`` for one subfolder per photo or ``(.+)_\\d+\\.png$``
+    for ``photo_003.png`` tiles.
+
+    Raises:
+        ValueError: the pattern matches nothing in that path.
+    """
+    if source.resize is not None or pattern is None:
+        return str(source.path)
+    rel = source.path.relative_to(root).as_posix() if root is not None else source.path.name
+    match = pattern.search(rel)
+    if match is None:
+        raise ValueError(f"--source-pattern {pattern.pattern!r} matches nothing in {rel!r}: every image must name the "
+                         f"photo it was cut from")
+    return match.group(1) if pattern.groups else match.group(0)
+
+
 def prepare_probe_images(
-    data: PathLike, resolution: int, out: PathLike, heldout_fraction: float = 0.2, max_images: int | None = None
+    data: PathLike, resolution: int, out: PathLike, heldout_fraction: float = 0.2, max_images: int | None = None,
+    source_pattern: str | None = None,
 ) -> dict[str, Any]:
     """Write the crops every VAE is judged on: ``out/train/NNNNN.png``, ``out/heldout/NNNNN.png``.
 
@@ -91,21 +122,31 @@ def prepare_probe_images(
     of a folder (recursively, sorted; centre crop of the shorter side resized to
     ``resolution``), or with ``data="demo"`` the tiles of the demo photos. They are decoded
     once here (``load_source``: exact 8-bit pixels, so the PNGs are lossless) so every VAE
-    sees identical pixels. ``round(heldout_fraction * N)`` of them (at least 1), evenly
-    spaced in source order, form the held-out part; NNNNN is the source position.
+    sees identical pixels. NNNNN is the source position.
+
+    The split is by source photo (``source_group``), so that no photo has crops on both
+    sides: with ``data="demo"`` the held-out part is every tile of the demo's two
+    validation photos (``autoencoderkl.data.DEMO_VAL``, which the demo VAEs never trained
+    on; ``heldout_fraction`` is not used); otherwise ``round(heldout_fraction * G)`` of the
+    G photos (at least 1, at most G - 1), evenly spaced in order of first appearance.
 
     Args:
         data: an image folder, or ``"demo"``.
         resolution: crop side in pixels.
         out: a new or empty folder.
-        heldout_fraction: the held-out share, in (0, 1).
+        heldout_fraction: the held-out share of the source photos, in (0, 1).
         max_images: use at most this many sources, evenly spaced.
+        source_pattern: a regular expression naming each folder image's source photo
+            (``source_group``); None: every file is its own photo.
     Returns:
-        ``num_train``, ``num_heldout``, ``skipped`` ([[source, reason]]: unreadable files,
-        left out with a warning), ``sources`` (the names used, in order).
+        ``num_train``, ``num_heldout`` (crops), ``num_train_sources``,
+        ``num_heldout_sources`` (photos), ``heldout_sources`` (their names), ``split``
+        (how it was made), ``skipped`` ([[source, reason]]: unreadable files, left out
+        with a warning), ``sources`` (the crops used, in order).
     Raises:
         FileNotFoundError: if ``data`` is not a folder (nor ``"demo"``).
-        ValueError: on a bad fraction or count, or fewer than 2 readable images.
+        ValueError: on a bad fraction, count or pattern, fewer than 2 source photos, or
+            a side without a readable image.
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"the held-out fraction must lie in (0, 1), got {heldout_fraction}")
@@ -114,24 +155,42 @@ def prepare_probe_images(
     sources, _, _ = list_sources(data, resolution)
     if max_images is not None:
         sources = evenly_spaced(sources, max_images)
-    held = set(evenly_spaced(list(range(len(sources))), max(1, round(heldout_fraction * len(sources)))))
+    demo = str(data) == "demo"
+    root = None if demo else Path(data).resolve()
+    pattern = re.compile(source_pattern) if source_pattern else None
+    groups = [source_group(s, root, pattern) for s in sources]
+    order = list(dict.fromkeys(groups))  # photos in order of first appearance
+    if len(order) < 2:
+        raise ValueError(f"{data}: all {len(sources)} images come from one source photo"
+                         f"{f' (--source-pattern {source_pattern!r})' if source_pattern else ''}; the probe needs "
+                         f"at least two, one on each side of the split")
+    if demo:
+        held_groups = {g for g in order if Path(g).name in DEMO_VAL}
+        split = f"by photo: the held-out part is every tile of the demo's validation photos {list(DEMO_VAL)}"
+    else:
+        count = min(max(1, round(heldout_fraction * len(order))), len(order) - 1)
+        held_groups = set(evenly_spaced(order, count))
+        split = (f"by source photo ({'--source-pattern ' + repr(source_pattern) if source_pattern else 'each file its own'}"
+                 f"): {count} of {len(order)} photos, evenly spaced, held out whole")
     out = Path(out)
     counts, skipped = {TRAIN: 0, HELDOUT: 0}, []
-    for i, source in enumerate(sources):
+    for i, (source, group) in enumerate(zip(sources, groups)):
         try:
             image = load_source(source, resolution)  # (3, R, R) in [-1, 1], 8-bit levels
         except OSError as exc:
             warnings.warn(f"skipping {source.name()}: {exc}", UnreadableImageWarning, stacklevel=2)
             skipped.append([source.name(), str(exc)])
             continue
-        part = HELDOUT if i in held else TRAIN
+        part = HELDOUT if group in held_groups else TRAIN
         (out / part).mkdir(parents=True, exist_ok=True)
         to_pil(image[None])[0].save(out / part / f"{i:05d}.png")
         counts[part] += 1
     if min(counts.values()) < 1:
         raise ValueError(f"{data}: {counts[TRAIN]} training and {counts[HELDOUT]} held-out images could be read at "
                          f"{resolution} px ({len(skipped)} skipped); the probe needs at least one of each")
-    return {"num_train": counts[TRAIN], "num_heldout": counts[HELDOUT], "skipped": skipped,
+    return {"num_train": counts[TRAIN], "num_heldout": counts[HELDOUT],
+            "num_train_sources": len(order) - len(held_groups), "num_heldout_sources": len(held_groups),
+            "heldout_sources": [g for g in order if g in held_groups], "split": split, "skipped": skipped,
             "sources": [s.name() for s in sources]}
 
 
@@ -170,16 +229,36 @@ def cache_statistics(root: PathLike) -> dict[str, Any]:
 
 
 def iid_gaussian_loss(per_channel_var: Sequence[float], alphas_cumprod: Tensor) -> float:
-    """The epsilon-prediction MSE of the best denoiser for i.i.d. Gaussian latents.
+    """The probe's i.i.d. reference: the epsilon-MSE of the best predictor that knows only
+    each channel's mean and variance.
 
-    For x_0 ~ N(mu_c, v_c) independently per value and x_t = sqrt(a) x_0 + sqrt(1 - a) eps,
-    E[eps | x_t] is linear in x_t and its MSE is a v_c / (a v_c + 1 - a). Averaged over
-    channels and the given timesteps: what a probe scores that learnt nothing but each
-    channel's mean and variance (white-noise latents of unit variance give mean(a)).
+    Derivation. Model every latent value of channel c as an independent draw
+    x_0 ~ N(mu_c, v_c) (mean and variance of the normalised training latents), and
+    x_t = sqrt(a) x_0 + sqrt(1 - a) eps with eps ~ N(0, 1) and a = alpha_bar_t. Then
+    (x_t, eps) are jointly Gaussian with Var(x_t) = a v_c + 1 - a and
+    Cov(x_t, eps) = sqrt(1 - a), so the best predictor of eps from x_t (the conditional
+    mean, which is linear here) is
+
+        eps_hat = sqrt(1 - a) (x_t - sqrt(a) mu_c) / (a v_c + 1 - a)
+
+    and its MSE is 1 - (1 - a) / (a v_c + 1 - a) = a v_c / (a v_c + 1 - a). The means
+    mu_c set the predictor but not its error. The reference is that MSE averaged over the
+    channels and the probe's timesteps (``validation_timesteps``: the ones ``val/loss``
+    uses), i.e. what the probe would score had it learnt each channel's mean and variance
+    and nothing about how values relate across cells or channels. Unit-variance white
+    latents give mean(a). A probe loss below it is structure learnt; the ratio
+    probe / reference is the report's ``final_relative`` and ``area_relative``.
+
+    What the ratio does not remove: with the global normalisation, channels whose means
+    differ have within-channel variances below 1, which lowers this reference and the
+    probe loss alike but not in proportion; per-channel standardisation of the latents
+    (``data.latent_normalization: per_channel``) removes the cause.
 
     Args:
-        per_channel_var: v_c of the normalised latents.
-        alphas_cumprod: (K,) alpha_bar at the validation timesteps.
+        per_channel_var: v_c of the normalised latents (c floats).
+        alphas_cumprod: (K,) alpha_bar at the probe's timesteps.
+    Returns:
+        The mean over channels and timesteps of a v_c / (a v_c + 1 - a), float64 arithmetic.
     """
     a = alphas_cumprod.double()[:, None]
     v = torch.tensor(list(per_channel_var), dtype=torch.float64)[None, :]
@@ -217,7 +296,9 @@ def probe_latents(
         ``normalisation``, ``spectrum`` (``latent_spectrum`` of the training latents),
         ``probe``: ``steps`` and ``loss`` (the held-out curve), ``final``, ``area``,
         ``train_loss`` (the last logged training loss), ``iid_gaussian_loss`` (None for
-        other targets than epsilon), ``timesteps``, ``seconds``.
+        other targets than epsilon), ``final_relative`` and ``area_relative`` (final
+        and area / ``iid_gaussian_loss``: 1 = nothing learnt beyond each channel's mean
+        and variance), ``timesteps``, ``seconds``.
     Raises:
         ValueError: from the config (a bad override) or the caches (another VAE).
     """
@@ -251,7 +332,8 @@ def probe_latents(
         "spectrum": latent_spectrum(cache_means(train_latents)),
         "probe": {"steps": curve_steps, "loss": curve, "final": curve[-1], "area": area,
                   "train_loss": series["loss"][1][-1] if "loss" in series else None,
-                  "iid_gaussian_loss": iid, "timesteps": t.tolist(), "seconds": round(seconds, 2)},
+                  "iid_gaussian_loss": iid, "final_relative": curve[-1] / iid if iid else None,
+                  "area_relative": area / iid if iid else None, "timesteps": t.tolist(), "seconds": round(seconds, 2)},
     }
 
 
@@ -292,6 +374,107 @@ def probe_vae(
     return result
 
 
+# ---- 2b. the interpolation check -----------------------------------------------------------
+
+
+def slerp(z1: Tensor, z2: Tensor, t: float, eps: float = 1e-7) -> Tensor:
+    """Spherical interpolation of each pair of latents, flattened (tongdaxu's ``evalvae.slerp``).
+
+    With theta the angle between z1 and z2 (flattened, per row): sin((1 - t) theta) /
+    sin(theta) z1 + sin(t theta) / sin(theta) z2; linear where sin(theta) < 1e-6.
+
+    Args:
+        z1, z2: (B, c, h, w) float latents.
+        t: 0 gives z1, 1 gives z2.
+    Returns:
+        (B, c, h, w) in z1's dtype.
+    """
+    a, b = z1.flatten(1), z2.flatten(1)
+    cos = (F.normalize(a, dim=1, eps=eps) * F.normalize(b, dim=1, eps=eps)).sum(1).clamp(-1.0, 1.0)
+    theta = torch.acos(cos)
+    sin = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta) / (sin + eps))[:, None] * a + (torch.sin(t * theta) / (sin + eps))[:, None] * b
+    small = sin < 1e-6
+    out[small] = (1 - t) * a[small] + t * b[small]
+    return out.reshape_as(z1)
+
+
+def _read_pngs(folder: Path) -> Tensor:
+    """The probe's PNG crops of one part, in name order: (N, 3, R, R) uint8."""
+    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1)
+                        for p in sorted(folder.glob("*.png"))])
+
+
+@torch.no_grad()
+def interpolation_check(
+    vae: PathLike, images: PathLike, seed: int = 0, batch_size: int = 32, device: str | None = None,
+    fid: str = "off", inception_weights: PathLike | None = None,
+) -> dict[str, Any]:
+    """Decode latent midpoints between held-out images and their nearest training image; score the decodes.
+
+    The idea of iFID ("Making Reconstruction FID Predictive of Diffusion Generation FID",
+    arXiv 2603.05630; code tongdaxu/Making-rFID-Predictive-of-Diffusion-gFID ``evalvae.py``):
+    a diffusion model generates latents between those of real images, so how the decoder
+    renders such in-between latents predicts what samples look like. For each held-out
+    crop, its posterior mean z is paired with the training crop whose posterior mean has
+    the highest cosine similarity (flattened, raw latents), the spherical midpoint
+    ``slerp(z, z_nn, 0.5)`` is decoded, and the decodes are compared with the held-out
+    crops by ``latent_diffusion.swd.swd`` (and Frechet Inception distance when its
+    weights are here). ``reconstruction``: the same for decode(z) itself, the rFID-like
+    companion. No training: a second, training-free column beside the probe.
+
+    Deviations from ``evalvae.py``: the nearest neighbour is the top-1 by cosine (the
+    reference draws among the top 10 by a softmax of their MSE, which usually picks the
+    same one), posterior means instead of samples, and SWD instead of FID (FID needs
+    thousands of images and Inception weights; with a few hundred crops it is mostly bias).
+
+    Args:
+        vae: the diffusers folder (the probe's copy).
+        images: the probe images folder (``train/`` and ``heldout/``).
+        seed: of the SWD's patches and directions.
+        batch_size: images per VAE forward.
+        device: None: CUDA when available.
+        fid: ``"auto"`` adds FID when torch-fidelity's Inception weights are here; ``"off"``.
+        inception_weights: that weights file.
+    Returns:
+        ``swd`` and ``swd_reconstruction`` (``swd`` results: ``levels``, ``average``, ...),
+        ``fid`` and ``fid_reconstruction`` (floats, or "unavailable"), ``fid_note``,
+        ``num_heldout``, ``num_train``, ``neighbour_cosine`` (mean, min), ``what``.
+    """
+    from .evaluate import build_inception, extract_features, frechet_distance
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_vae(vae).to(dev).eval()
+    images = Path(images)
+    held, train = _read_pngs(images / HELDOUT), _read_pngs(images / TRAIN)
+
+    def means(x: Tensor) -> Tensor:
+        return torch.cat([encode_batch(model, (b.to(dev).float() / 127.5 - 1))[0].cpu()
+                          for b in x.split(batch_size)])  # (N, c, h, w) float32
+
+    def decode(z: Tensor) -> Tensor:
+        return torch.cat([to_uint8_range(model.decode(b.to(dev)).sample).to(torch.uint8).cpu()
+                          for b in z.split(batch_size)])
+
+    z_held, z_train = means(held), means(train)
+    cos = F.normalize(z_held.flatten(1), dim=1) @ F.normalize(z_train.flatten(1), dim=1).T  # (N_held, N_train)
+    best, nn = cos.max(dim=1)
+    midpoints, recons = decode(slerp(z_held, z_train[nn], 0.5)), decode(z_held)
+    out = {"swd": swd(held, midpoints, seed=seed), "swd_reconstruction": swd(held, recons, seed=seed),
+           "fid": UNAVAILABLE, "fid_reconstruction": UNAVAILABLE, "num_heldout": len(held), "num_train": len(train),
+           "neighbour_cosine": {"mean": float(best.mean()), "min": float(best.min())},
+           "what": ("decodes of slerp(z, z_nn, 0.5) for each held-out crop's posterior mean z and its nearest training "
+                    "latent by cosine, scored against the held-out crops (SWD x 1e3 on Laplacian-pyramid patches; "
+                    "lower is better); swd_reconstruction: the same for decode(z)")}
+    net, out["fid_note"] = build_inception(fid, inception_weights) if fid != "off" else (None, "not computed (fid=off)")
+    if net is not None:
+        net = net.to(dev)
+        real, mid, rec = (extract_features(net, x, batch_size, dev, "inception", False) for x in (held, midpoints, recons))
+        out["fid"], out["fid_reconstruction"] = frechet_distance(mid, real), frechet_distance(rec, real)
+        out["fid_note"] += f"; {len(held)} images per set: FID is biased upward, compare only at equal counts"
+    return out
+
+
 # ---- 3. several VAEs, one report -----------------------------------------------------------
 
 
@@ -324,13 +507,14 @@ def diffusability_report(
     fid: str = "auto",
     inception_weights: PathLike | None = None,
     progress: bool = True,
+    source_pattern: str | None = None,
 ) -> dict[str, Any]:
     """Reconstruction and diffusability of several VAEs on the same images; report, PNG, table.
 
     For every VAE, in order: the reconstruction metrics of ``evaluate_vae`` on all the
     probe crops (its report, per-image CSV and worst-8 PNG are written beside ``out`` as
     ``<stem>_<k>_<name>.*``), then ``probe_vae`` with the same images, config, steps and
-    seed. Single files and training dirs are first saved as diffusers folders in the work
+    seed, then the training-free ``interpolation_check``. Single files and training dirs are first saved as diffusers folders in the work
     dir (same weights, same hash), since the latent cache and the stage-2 loop load a
     folder.
 
@@ -345,13 +529,15 @@ def diffusability_report(
         out: the report path (``.json``).
         resolution: crop side in pixels (a multiple of every VAE's factor f).
         probe_config, probe_steps, seed, overrides: the probe (``probe_latents``).
-        heldout_fraction, max_images: the images (``prepare_probe_images``).
+        heldout_fraction, max_images, source_pattern: the images and their split by
+            source photo (``prepare_probe_images``).
         vae_config: a ``config.json`` for single-file VAEs (``load_vae``'s ``config``).
         work_dir: keep the crops, caches and probe runs there; None: a temporary folder
             beside ``out``, removed at the end.
         batch_size, num_workers, device, lpips, fid, inception_weights, progress: of the
             reconstruction evaluation (``evaluate_vae``); ``num_workers`` also decodes
-            the images for the latent caches.
+            the images for the latent caches; ``fid`` and ``inception_weights`` also
+            the interpolation check's FID.
     Returns:
         The report (what ``out`` holds).
     Raises:
@@ -367,7 +553,7 @@ def diffusability_report(
     temporary = work_dir is None
     work = Path(tempfile.mkdtemp(prefix=f".{out.stem}-probe-", dir=out.parent)) if temporary else Path(work_dir)
     try:
-        images = prepare_probe_images(data, resolution, work / "images", heldout_fraction, max_images)
+        images = prepare_probe_images(data, resolution, work / "images", heldout_fraction, max_images, source_pattern)
         entries = []
         for k, (path, name) in enumerate(zip(vaes, names)):
             logger.info("diffusability %d/%d: %s", k + 1, len(vaes), path)
@@ -382,13 +568,17 @@ def diffusability_report(
             t1 = time.perf_counter()
             result = probe_vae(folder, work / "images", work / f"probe-{k}", resolution, probe_config, probe_steps,
                                seed, overrides, num_workers=num_workers)
+            t2 = time.perf_counter()
+            interpolation = interpolation_check(folder, work / "images", seed=seed, device=device, fid=fid,
+                                                inception_weights=inception_weights)
             entries.append({
                 "name": name, "path": str(path), "weights_sha256": vae_weights_sha256(model),
                 "config": recon["vae"]["config"],
                 "reconstruction": {key: recon[key] for key in ("psnr", "ssim", "lpips", "rfid", "kl", "notes", "files")},
-                **result,
+                **result, "interpolation": interpolation,
                 "seconds": {"reconstruction": round(t1 - t0, 2), "encode": result["probe"]["seconds_encode"],
-                            "probe": result["probe"]["seconds"], "total": round(time.perf_counter() - t0, 2)},
+                            "probe": result["probe"]["seconds"], "interpolation": round(time.perf_counter() - t2, 2),
+                            "total": round(time.perf_counter() - t0, 2)},
             })
             entries[-1]["reconstruction"]["report"] = str(out.with_name(f"{out.stem}_{k}_{name}.json"))
     finally:
@@ -399,15 +589,22 @@ def diffusability_report(
     report = {
         "format_version": REPORT_FORMAT_VERSION,
         "what": ("diffusability probe: a fixed small stage-2 U-Net trained on each VAE's globally normalised "
-                 "latents; lower held-out loss = easier for a diffusion model. Compare only VAEs probed together."),
+                 "latents; lower held-out loss (and final/iid) = easier for a diffusion model; beside it a training-free "
+                 "interpolation check. Compare only VAEs probed together."),
         "data": {"source": str(data), "resolution": resolution, "heldout_fraction": heldout_fraction,
-                 "max_images": max_images, **{k: v for k, v in images.items() if k != "sources"}},
+                 "max_images": max_images, "source_pattern": source_pattern,
+                 **{k: v for k, v in images.items() if k != "sources"}},
         "probe": {"config_file": str(probe_config), "overrides": list(overrides),
                   "steps": probe_steps if probe_steps is not None else cfg.train.max_steps, "seed": seed,
                   "validation_steps": cfg.train.validation_steps, "num_val_latents": cfg.data.num_val_latents,
                   "normalisation": "global: each VAE's own mean and std over its training latents",
                   "area": "trapezoidal area under the held-out curve / steps (the mean held-out loss over the run)",
-                  "high_frequency": f"energy share above {HALF_NYQUIST} cycles per latent cell (half the Nyquist frequency)"},
+                  "relative": ("final and area / iid_gaussian_loss: the epsilon-MSE of the best predictor that knows "
+                               "only each channel's mean and variance, on the same timesteps (1 = no structure learnt)"),
+                  "high_frequency": (f"2D DCT-II energy share above {HALF_NYQUIST} cycles per latent cell (half the "
+                                     f"Nyquist frequency)"),
+                  "interpolation": ("training-free: SWD x 1e3 between held-out crops and decodes of slerp midpoints "
+                                    "to each one's nearest training latent (lower is better)")},
         "vaes": entries,
         "table": [table_row(e) for e in entries],
         "files": {"report": str(out), "png": str(png)},
@@ -421,19 +618,26 @@ def diffusability_report(
 
 def table_row(entry: dict[str, Any]) -> dict[str, Any]:
     """One VAE's line of the summary table."""
-    rec, probe = entry["reconstruction"], entry["probe"]
+    rec, probe, interp = entry["reconstruction"], entry["probe"], entry["interpolation"]
     return {"name": entry["name"], "psnr": rec["psnr"]["mean"], "ssim": rec["ssim"]["mean"],
             "probe_final": probe["final"], "probe_area": probe["area"], "iid_gaussian_loss": probe["iid_gaussian_loss"],
+            "probe_final_relative": probe["final_relative"],
+            "interpolation_swd": interp["swd"]["average"], "reconstruction_swd": interp["swd_reconstruction"]["average"],
             "high_frequency_fraction": entry["spectrum"]["high_frequency_fraction"],
             "seconds": entry["seconds"]["total"]}
 
 
 def format_table(report: dict[str, Any]) -> str:
     """The report's table as aligned text, one row per VAE."""
-    head = ("VAE", "PSNR dB", "SSIM", "probe final", "probe area", "iid ref", "HF frac", "time s")
+    def f(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    head = ("VAE", "PSNR dB", "SSIM", "probe final", "probe area", "iid ref", "final/iid", "interp SWD", "rec SWD",
+            "HF frac", "time s")
     rows = [(r["name"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['probe_final']:.4f}", f"{r['probe_area']:.4f}",
-             "-" if r["iid_gaussian_loss"] is None else f"{r['iid_gaussian_loss']:.4f}",
-             f"{r['high_frequency_fraction']:.3f}", f"{r['seconds']:.0f}") for r in report["table"]]
+             f(r["iid_gaussian_loss"], ".4f"), f(r["probe_final_relative"], ".3f"), f"{r['interpolation_swd']:.1f}",
+             f"{r['reconstruction_swd']:.1f}", f"{r['high_frequency_fraction']:.3f}", f"{r['seconds']:.0f}")
+            for r in report["table"]]
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                      for row in [head, *rows])

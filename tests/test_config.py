@@ -81,7 +81,7 @@ def test_shipped_configs_load(name):
         overrides.append("model.pretrained=sd-vae.safetensors")
     cfg = load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", overrides)
     if name == "eq-finetune":
-        assert cfg.loss.equivariance_weight > 0 and cfg.optim.lr == pytest.approx(4.5e-6 * cfg.data.batch_size)
+        assert cfg.loss.equivariance == "eqvae" and cfg.optim.lr == pytest.approx(4.5e-6 * cfg.data.batch_size)
     if name == "kl-f8-c16":  # SD3 / FLUX.1's latent shape
         assert (cfg.model.latent_channels, cfg.model.use_quant_conv, cfg.model.measure_shift_factor) == (16, False, True)
     if name == "kl-f8":  # SD 1.x's autoencoder and LDM's loss, exactly

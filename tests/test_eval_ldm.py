@@ -137,7 +137,8 @@ def test_inception_and_dinov2_metrics_come_from_local_weights(setup, tmp_path, r
     report = evaluate_ldm(setup / "pipe", setup / "train", out=tmp_path / "r.json", num_images=4, max_reference=4,
                           steps=2, inception_weights=random_inception_weights, batch_size=8, progress=False)
     assert isinstance(report["fid"], float) and report["fid"] >= 0
-    assert isinstance(report["kid"]["mean"], float) and report["kid"]["subset_size"] == 4
+    assert isinstance(report["kid"]["mean"], float) and report["kid"]["subset_size"] == 2  # 4 images: half-size subsets
+    assert "half the set" in report["notes"]["kid"]
     assert 0 <= report["precision"] <= 1 and 0 <= report["recall"] <= 1
     assert "biased upward" in report["notes"]["inception"]
     assert isinstance(report["fd_dinov2"], float) and report["fd_dinov2"] > 0
@@ -174,3 +175,7 @@ def test_eval_ldm_command_generates_samples_against_a_latent_cache(setup, tmp_pa
     assert "dinov2_vitl14_pretrain.pth" in report["notes"]["dinov2"] and report["fd_dinov2"] == "unavailable"
     assert report["run"]["versions"]["torch"] and report["run"]["versions"]["diffusers"]
     assert "latent FD" in proc.stdout and "inception metrics unavailable" in proc.stdout
+    # Always, without any weights: SWD of the samples against the held-out images, and its floor.
+    assert report["swd"]["num_reference"] == report["swd_floor"]["num_reference"] == 4 and report["swd"]["average"] > 0
+    assert set(report["swd"]["levels"]) == {str(RES)} and "held-out images" in report["notes"]["swd"]
+    assert "SWD x1e3" in proc.stdout and "floor (held-out vs reference)" in proc.stdout

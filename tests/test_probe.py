@@ -39,7 +39,7 @@ def test_spectrum_of_white_noise_is_flat_and_smooth_latents_have_little_high_fre
     noise = torch.randn(400, 4, 8, 8, generator=g)
     white = latent_spectrum([noise[:200], noise[200:]])  # batches accumulate
     assert white["high_frequency_fraction"] == pytest.approx(white["white_noise_fraction"], abs=0.02)
-    assert white["white_noise_fraction"] == pytest.approx(51 / 63)  # bins above 0.25 cycles of an 8 x 8 grid
+    assert white["white_noise_fraction"] == pytest.approx(47 / 63)  # DCT coefficients above 0.25 cycles, 8 x 8 grid
     assert all(p == pytest.approx(1.0, abs=0.1) for p in white["power"])
     coarse = torch.randn(400, 4, 4, 4, generator=g)  # bilinear upsampling: smooth latents
     smooth = torch.nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=True)
@@ -153,13 +153,56 @@ def test_report_holds_every_field_for_two_vaes_and_the_command_prints_the_table(
         assert {"frequency", "power", "high_frequency_fraction", "white_noise_fraction"} <= set(vae["spectrum"])
         probe = vae["probe"]
         assert probe["steps"][-1] == 20 and len(probe["loss"]) == len(probe["steps"])
-        assert {"final", "area", "iid_gaussian_loss", "timesteps", "seconds"} <= set(probe)
-        assert set(vae["seconds"]) == {"reconstruction", "encode", "probe", "total"}
+        assert {"final", "area", "iid_gaussian_loss", "final_relative", "area_relative", "timesteps", "seconds"} <= set(probe)
+        assert probe["final_relative"] == pytest.approx(probe["final"] / probe["iid_gaussian_loss"])
+        assert set(vae["seconds"]) == {"reconstruction", "encode", "probe", "interpolation", "total"}
+        interp = vae["interpolation"]
+        assert interp["num_heldout"] == 2 and interp["num_train"] == 10 and interp["fid"] == "unavailable"
+        assert set(interp["swd"]["levels"]) == {"16"} and interp["swd"]["average"] > 0
         assert Path(vae["reconstruction"]["report"]).is_file()
     # The same images, seed and config: the VAEs differ, so do their curves.
     assert report["vaes"][0]["probe"]["loss"] != report["vaes"][1]["probe"]["loss"]
     assert report["data"]["num_train"] == 10 and report["probe"]["steps"] == 20
+    assert (report["data"]["num_train_sources"], report["data"]["num_heldout_sources"]) == (10, 2)
     assert Path(report["files"]["png"]).stat().st_size > 0
-    assert printed.count("\n") >= 4 and "probe final" in printed and "vae1" in printed
+    assert printed.count("\n") >= 4 and "probe final" in printed and "interp SWD" in printed and "vae1" in printed
     assert format_table(report).splitlines()[1].startswith("vae0")
     assert not list(out.parent.glob(".report-probe-*")), "the temporary work dir was not removed"
+
+
+def offset_vae(src: Path, dst: Path, offsets: torch.Tensor) -> None:
+    """The same autoencoder with its posterior means moved by per-channel ``offsets``:
+    quant_conv's mean biases += offsets, post_quant_conv's bias compensates, so every
+    decode and every latent's structure are unchanged."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(src)
+    with torch.no_grad():
+        c = len(offsets)
+        vae.quant_conv.bias[:c] += offsets
+        vae.post_quant_conv.bias -= vae.post_quant_conv.weight[:, :, 0, 0] @ offsets
+    vae.save_pretrained(dst)
+
+
+@pytest.mark.xfail(strict=True, reason="needs per-channel standardisation of the probe's latents "
+                                       "(data.latent_normalization: per_channel, issue 19); with the global "
+                                       "normalisation channel offsets change the score")
+def test_latent_sets_that_differ_only_in_channel_offsets_get_the_same_score(probe_data, tmp_path):
+    root = probe_data["root"]
+    std = float(torch.cat([map_shard(root / "latents-train" / s["file"])["mean"]
+                           for s in load_index(root / "latents-train")["shards"]]).std())
+    offset_vae(root / "vae0", tmp_path / "vae-offset", torch.tensor([0.0, 0.0, 2.0, -2.0]) * std)
+    for part in ("train", "heldout"):
+        encode_latents(tmp_path / "vae-offset", root / "images" / part, tmp_path / f"latents-{part}", resolution=16,
+                       num_workers=0)
+        reset_accelerate_state()
+    runs = []
+    for vae, latents in ((root / "vae0", root), (tmp_path / "vae-offset", tmp_path)):
+        runs.append(probe_latents(latents / "latents-train", latents / "latents-heldout", vae,
+                                  tmp_path / f"run-{len(runs)}", overrides=TINY_PROBE))
+        reset_accelerate_state()
+    plain, moved = runs
+    means = [plain["latents"]["per_channel_mean"], moved["latents"]["per_channel_mean"]]
+    assert means[1][2] - means[0][2] == pytest.approx(2 * std, rel=1e-3)  # the sets differ by the offsets
+    assert moved["probe"]["final_relative"] == pytest.approx(plain["probe"]["final_relative"], rel=1e-3)
+    assert moved["probe"]["final"] == pytest.approx(plain["probe"]["final"], rel=1e-3)

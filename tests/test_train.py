@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from autoencoderkl.config import load_config
+from autoencoderkl.equivariance import draw_equivariance_step, equivariance_scales, patchgan_min_size
 from autoencoderkl.train import main
 from conftest import reset_accelerate_state, tiny_overrides, torchrun
 
@@ -61,11 +62,11 @@ def test_run_writes_checkpoints_metrics_grids_config_and_a_loadable_vae(photo_di
 def test_resume_latest_continues_bit_exactly(photo_dir, tmp_path):
     """4 steps straight == 2 steps, stop, --resume latest, 2 more (weights, EMA, D, logvar).
 
-    With the equivariance regulariser on at p = 0.5: seed 0 draws rot90, none, rot180,
-    rot90 for steps 0-3, so the resumed half replays a draw after a step without one.
+    With EQ-VAE on at p_prior = 0.5: seed 0 draws an equivariance step, an ordinary one and
+    two equivariance steps, so the resumed half replays draws after a step without one.
     """
     extra = {"train.use_ema": "true", "train.ema_decay": 0.9, "loss.learn_logvar": "true",
-             "loss.equivariance_weight": 1.0, "loss.equivariance_prob": 0.5}
+             "loss.equivariance": "eqvae", "loss.equivariance_prob": 0.5}
     straight = tmp_path / "straight"
     run(photo_dir, straight, **extra)
 
@@ -85,7 +86,11 @@ def test_resume_latest_continues_bit_exactly(photo_dir, tmp_path):
     assert sa["logvar"] == sb["logvar"] != 0.0  # learn_logvar: it trained, and it was restored
     # Each step is logged once, even though the first run of `resumed` logged steps 1-2.
     assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == [1, 2, 3, 4]
-    assert [r["eq_applied"] for r in read_metrics(resumed) if "loss" in r] == [1.0, 0.0, 1.0, 1.0]
+    applied = [r["eq_applied"] for r in read_metrics(resumed) if "loss" in r]
+    scales = equivariance_scales((8, 8), 2, patchgan_min_size(2))  # tiny_overrides: 16 px, f = 2, GAN on
+    assert applied == [float(getattr(draw_equivariance_step("eqvae", 0.5, 0.25, 0, s, scales), "kind", None)
+                             == "equivariance") for s in range(4)]
+    assert applied == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(photo_dir, tmp_path):
@@ -124,7 +129,7 @@ DDP_DRIVER = textwrap.dedent(
 
     out, photos = Path(sys.argv[1]), Path(sys.argv[2])
     # The equivariance regulariser on at p = 0.5: steps with and without decode(tau(z)).
-    eq = {"loss.equivariance_weight": 1.0, "loss.equivariance_prob": 0.5}
+    eq = {"loss.equivariance": "eqvae", "loss.equivariance_prob": 0.5}
     summary = main(load_config(None, tiny_overrides(photos, **eq)), out)
     import os
     rank = int(os.environ["RANK"])  # end_training() has already closed the process group
@@ -142,7 +147,7 @@ def test_two_process_run_ends_with_identical_weights_on_both_ranks(photo_dir, tm
     """torchrun + gloo: gradients (VAE and discriminator) are all-reduced through DDP.
 
     The ranks draw disjoint crops, so without the all-reduce their weights would differ.
-    The equivariance regulariser is on: its second decode runs inside the DDP forward
+    EQ-VAE is on: its decode of tau(z) runs inside the DDP forward
     (``AutoencoderWithPosterior``), so its gradients are all-reduced too.
     """
     driver = tmp_path / "driver.py"

@@ -12,7 +12,8 @@ seeded generators into OUT_samples/ (or reads --samples DIR), then writes OUT (J
 FID, KID and improved precision/recall (k = 3) on torch-fidelity's InceptionV3 features
 when its weights file is on this machine, FD_DINOv2 when torch.hub holds DINOv2 ViT-L/14
 ("unavailable" with the file and where to put it otherwise; nothing is downloaded); and
-always the latent FD (the pipeline VAE's posterior means of both sets: a sanity score)
+always the sliced Wasserstein distance on Laplacian-pyramid patches (ProGAN's SWD, no
+weights needed) against the --heldout images (or the reference), the latent FD (the pipeline VAE's posterior means of both sets: a sanity score)
 and a memorisation check (each sample's nearest reference image in pixels and in latent
 space, against held-out images or leave-one-out within the reference, and against the
 VAE's own round trip of the reference: what a perfect copy scores), with OUT_closest8.png
@@ -78,6 +79,10 @@ def main(argv=None) -> None:
     kid = report["kid"]
     mem = report["memorisation"]
     print(f"{report['samples']['num_images']} generated vs {report['reference']['num_images']} reference images")
+    sw, floor = report["swd"], report["swd_floor"]
+    print(f"SWD x1e3 {sw['average']:.2f} (" + ", ".join(f"{r} px {v:.2f}" for r, v in sw["levels"].items()) +
+          f") vs {'held-out' if report['heldout'] else 'reference'} images"
+          + (f"; floor (held-out vs reference) {floor['average']:.2f}" if floor else ""))
     print(f"FID {_figure(report['fid'])}  KID {_figure(kid if isinstance(kid, str) else kid['mean'])}  "
           f"precision {_figure(report['precision'])}  recall {_figure(report['recall'])}  "
           f"FD_DINOv2 {_figure(report['fd_dinov2'])}  latent FD {report['latent_fd']:.4g}")

@@ -14,8 +14,10 @@ folder, a training output dir (its vae/), an original single-file Stable Diffusi
 difference x4) beside it. --latent-stats instead measures the mean and std of posterior
 samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
 --diffusability (several --vae allowed; --data may be "demo") also trains a fixed small
-stage-2 U-Net on each VAE's normalised latents and measures its held-out loss and the
-latents' spectra: report.json, report.png and a table (docs/diffusability.md).
+stage-2 U-Net on each VAE's normalised latents and measures its held-out loss (and its
+ratio to the i.i.d. reference), the latents' DCT spectra and, training-free, how the
+decoder renders latent midpoints (an SWD interpolation check): report.json, report.png
+and a table (docs/diffusability.md). The held-out part is split by source photo.
 """
 
 import argparse
@@ -64,7 +66,12 @@ def parse_args(argv=None):
                     help="also probe how easily a diffusion model learns each VAE's latents")
     dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default configs/latent_diffusion/probe.yaml)")
     dg.add_argument("--probe-steps", type=int, help="probe training steps (default: the probe config's)")
-    dg.add_argument("--heldout-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
+    dg.add_argument("--heldout-fraction", type=float, default=0.2,
+                    help="share of the source photos held out, whole (default 0.2; --data demo: its 2 validation photos)")
+    dg.add_argument("--source-pattern", metavar="REGEX",
+                    help="regular expression naming the source photo of each image (its path relative to --data; "
+                         "group 1 if any), so that crops or tiles of one photo never straddle the split, e.g. "
+                         "'(.+)_\\d+\\.png$' for photo_003.png (default: every file its own photo)")
     dg.add_argument("--probe-work-dir", help="keep the crops, latent caches and probe runs here (default: removed)")
     args = parser.parse_args(argv)
     if len(args.vae) > 1 and not args.diffusability:
@@ -93,6 +100,7 @@ def main(argv=None):
                 args.vae, args.data, out=args.out or "report.json", probe_config=args.probe_config or PROBE_CONFIG,
                 probe_steps=args.probe_steps, seed=args.seed, heldout_fraction=args.heldout_fraction,
                 vae_config=args.vae_config, work_dir=args.probe_work_dir, lpips=args.lpips, fid=args.fid,
+                source_pattern=args.source_pattern,
                 inception_weights=args.inception_weights, **common)
             print(format_table(report))
             print(f"wrote {report['files']['report']}, {report['files']['png']}")
