@@ -13,6 +13,8 @@ Reductions, so that the weights in ``LossConfig`` mean something:
 - ``g_loss`` / ``d_loss``: means over batch and patch logits.
 - ``eq_loss`` (the equivariance regulariser, off by default): as ``nll_loss``, on the
   transformed pair (tau(x), decode(tau(z))), without the ``+ logvar`` normaliser.
+- ``vf_loss`` (VA-VAE's alignment to a frozen vision model, off by default): means over
+  positions and pairs of positions (``autoencoderkl.alignment``), times its adaptive weight.
 
 Perceptual weights: ``build_perceptual`` gives LPIPS with torchvision's VGG16 ImageNet
 weights (``VGG16_FILE`` under ``torch.hub.get_dir()/checkpoints``), or a random backbone
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VGG16_Weights
 
+from autoencoderkl.alignment import adaptive_alignment_weight, alignment_loss
 from autoencoderkl.config import LossConfig
 
 # The torchvision weights LPIPS(net="vgg", pnet_rand=False) loads for its backbone.
@@ -402,6 +405,7 @@ class AutoencoderLoss(nn.Module):
         discriminator: nn.Module | None,
         shared_backward: bool = False,
         equivariance: tuple[Tensor, Tensor] | None = None,
+        alignment: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's loss (LDM ``LPIPSWithDiscriminator.forward``, optimizer_idx 0).
 
@@ -427,6 +431,11 @@ class AutoencoderLoss(nn.Module):
                 transform (``draw_equivariance_transform``), else None. With
                 ``cfg.equivariance_weight`` > 0, ``equivariance_weight * eq_loss``
                 (``equivariance_loss``) is added to ``loss``; with 0 it is ignored.
+            alignment: ``(projection(z), teacher features, encoder last-layer weight)``,
+                (B, D, h, w) twice and ``vae.encoder.conv_out.weight``, when
+                ``cfg.alignment_weight`` > 0: ``vf_weight * vf_loss`` is added
+                (``autoencoderkl.alignment``; the adaptive weight needs gradients, so under
+                no_grad it is 0). Ignored when the weight is 0.
         Returns:
             ``(loss, logs)``: ``loss`` a () float32 scalar to backpropagate; ``logs`` python
             floats ``loss``, ``nll_loss`` (sum over pixels, mean over batch), ``rec_loss``
@@ -434,7 +443,8 @@ class AutoencoderLoss(nn.Module):
             0 when off), ``kl_loss`` (sum over (c, h, w), mean over batch), ``g_loss``,
             ``d_weight``, ``disc_factor`` (0 before ``disc_start``), ``logvar``; with the
             regulariser on also ``eq_loss`` (0 without a transform) and ``eq_applied``
-            (1.0 or 0.0).
+            (1.0 or 0.0); with the alignment on also ``vf_loss``, ``vf_weight``,
+            ``vf_mdms_loss`` and ``vf_mcos_loss``.
         Raises:
             ValueError: if the GAN term is on and ``last_layer`` is None, or if inputs and
                 reconstructions differ in shape.
@@ -448,6 +458,12 @@ class AutoencoderLoss(nn.Module):
         kl_loss = posterior.kl().to(device=x.device, dtype=torch.float32).sum() / B
 
         zero = torch.zeros((), device=x.device)
+        vf_terms = None
+        if self.cfg.alignment_weight > 0 and alignment is not None:
+            # Before the GAN's shared backward, which frees LPIPS' graph that this weight needs.
+            vf_terms = alignment_loss(alignment[0], alignment[1], self.cfg.alignment_margins)
+            vf_weight = (adaptive_alignment_weight(nll_loss, vf_terms[0], alignment[2], self.cfg.alignment_weight)
+                         if torch.is_grad_enabled() else zero)
         use_gan = discriminator is not None and self.gan_active(global_step)
         if use_gan:
             if last_layer is None:
@@ -484,6 +500,10 @@ class AutoencoderLoss(nn.Module):
             loss = loss + self.cfg.equivariance_weight * eq_loss  # its own graph: outside the adaptive weight
             names += ["eq_loss", "eq_applied"]
             terms += [eq_loss, torch.full((), float(equivariance is not None), device=x.device)]
+        if vf_terms is not None:  # its own graph: outside the GAN's adaptive weight, as VA-VAE
+            loss = loss + vf_weight * vf_terms[0]
+            names += ["vf_loss", "vf_weight", "vf_mdms_loss", "vf_mcos_loss"]
+            terms += [vf_terms[0], vf_weight, vf_terms[1], vf_terms[2]]
         values = torch.stack([loss, *terms]).detach().tolist()  # one device sync
         logs = dict(zip(names, values))
         logs["disc_factor"] = disc_factor

@@ -9,7 +9,9 @@ One encoder/decoder forward per optimizer step feeds both the autoencoder update
 discriminator update (on the detached reconstruction), as in LDM's
 ``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022). With ``loss.equivariance_weight``
 > 0, some steps also decode a transformed latent tau(z) in that forward (EQ-VAE, Kouzelis
-et al. 2025; see ``autoencoderkl.losses``).
+et al. 2025; see ``autoencoderkl.losses``). With ``loss.alignment_weight`` > 0, a frozen
+vision model's patch features are compared with a projection of z (VA-VAE, Yao et al.
+2025; see ``autoencoderkl.alignment``).
 
 Launch with ``accelerate launch -m lat train-vae --config ...`` (any number of
 processes) or ``torchrun --nproc_per_node N -m lat train-vae ...``.
@@ -26,7 +28,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -35,6 +36,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from .alignment import alignment_state, build_projection, load_teacher, teacher_precision
 from .atomic import atomic_path
 from .config import VAEConfig
 from .data import ImageFolder, broadcast_paths, demo_image_paths, evenly_spaced, list_images
@@ -45,10 +47,12 @@ from .metrics import psnr_ssim_8bit
 from .model import (
     AutoencoderWithPosterior,
     build_vae,
-    estimate_latent_factors,
     export_vae,
     freeze_encoder,
+    latent_normalization,
     load_vae,
+    measure_latent_factors,
+    vae_type,
 )
 from .checkpoints import DATA_STATE, load_checkpoint, load_data_state
 from .faults import NonFiniteGuard, StopSignals, rollback
@@ -86,7 +90,7 @@ def split_paths(cfg: VAEConfig) -> tuple[list[Path], list[Path]]:
 
 @torch.no_grad()
 def validate(
-    accelerator: Accelerator, vae: AutoencoderKL, images: Tensor, batch_size: int
+    accelerator: Accelerator, vae: torch.nn.Module, images: Tensor, batch_size: int
 ) -> tuple[dict[str, float], Tensor]:
     """Reconstruct the fixed validation crops with the posterior mode; 8-bit PSNR/SSIM.
 
@@ -176,8 +180,17 @@ def main(
     )
 
     # ---- model, loss, optimizers -------------------------------------------------
+    # The alignment teacher first: a Hub id that cannot be had fails before any model is built.
+    teacher = None
+    if cfg.loss.alignment_weight > 0:
+        with accelerator.main_process_first():  # one process downloads, the rest read the cache
+            teacher = load_teacher(cfg.loss.alignment_teacher, cfg.loss.alignment_resolution, accelerator.device,
+                                   teacher_precision(cfg.train.mixed_precision))
     if cfg.model.pretrained:
         vae = load_vae(cfg.model.pretrained).train()
+        if vae_type(vae) != cfg.model.type:
+            raise ValueError(f"model.pretrained={cfg.model.pretrained} holds a {type(vae).__name__} "
+                             f"(model.type={vae_type(vae)}), but this run says model.type={cfg.model.type}")
     else:
         vae = build_vae(cfg.model, cfg.data.resolution)
     if cfg.train.decoder_only:
@@ -190,7 +203,7 @@ def main(
         discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     with accelerator.main_process_first():  # one process downloads VGG16, the rest read the cache
         perceptual, perceptual_note = build_perceptual(cfg.loss.perceptual_pretrained)
-    notes = [f"perceptual: {perceptual_note}"]
+    notes = [f"perceptual: {perceptual_note}"] + ([f"alignment teacher: {teacher.description}"] if teacher else [])
     if perceptual is None and cfg.loss.perceptual_weight:
         cfg.loss.perceptual_weight = 0.0  # the saved config records what was really used
         notes.append("loss.perceptual_weight was set to 0.0 for this run because the VGG16 weights are unavailable")
@@ -208,7 +221,9 @@ def main(
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
-    params_g = [p for p in vae.parameters() if p.requires_grad]
+    # VA-VAE's projection of z onto the teacher's width, trained with the autoencoder (not exported).
+    projection = build_projection(vae.config.latent_channels, teacher.hidden_size) if teacher else None
+    params_g = [p for p in vae.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
     if cfg.loss.learn_logvar:
         params_g.append(loss_fn.logvar)
     params_d = list(discriminator.parameters())
@@ -220,13 +235,13 @@ def main(
     schedule = dict(num_warmup_steps=cfg.optim.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
     sched_g = get_scheduler(cfg.optim.lr_scheduler, opt_g, **schedule)
     sched_d = get_scheduler(cfg.optim.lr_scheduler, opt_d, **schedule)
-    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=AutoencoderKL, model_config=vae.config) if cfg.train.use_ema else None
+    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=type(vae), model_config=vae.config) if cfg.train.use_ema else None
 
-    vae_forward = AutoencoderWithPosterior(vae)
+    vae_forward = AutoencoderWithPosterior(vae, projection)
     vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d
     )
-    vae_unwrapped: AutoencoderKL = accelerator.unwrap_model(vae_forward).vae
+    vae_unwrapped = accelerator.unwrap_model(vae_forward).vae
     disc_unwrapped = accelerator.unwrap_model(discriminator)
     last_layer = vae_unwrapped.decoder.conv_out.weight  # where the adaptive weight balances nll and GAN
     f = 2 ** (len(vae_unwrapped.config.block_out_channels) - 1)  # spatial factor: h = H // f
@@ -237,7 +252,8 @@ def main(
     guard = NonFiniteGuard.for_run(cfg.train)  # disabled under fp16 (the GradScaler skips)
     # What a checkpoint's weights depend on; a resume with anything else is refused.
     checkpoint_model_config = {**OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-                               "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers}
+                               "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers,
+                               **alignment_state(cfg.loss.alignment_weight, cfg.loss.alignment_teacher)}
     global_step = 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, ema, checkpoint_model_config, guard)
@@ -283,8 +299,8 @@ def main(
     # ---- loop ---------------------------------------------------------------------
     n_params = sum(p.numel() for p in vae_unwrapped.parameters())
     logger.info(
-        "training %.2fM-parameter AutoencoderKL for %d steps, %d images per step over %d process(es)",
-        n_params / 1e6, cfg.train.max_steps, samples_per_step * accelerator.num_processes, accelerator.num_processes,
+        "training %.2fM-parameter %s for %d steps, %d images per step over %d process(es)",
+        n_params / 1e6, type(vae_unwrapped).__name__, cfg.train.max_steps, samples_per_step * accelerator.num_processes, accelerator.num_processes,
     )
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train_vae", unit="step", dynamic_ncols=True)
@@ -300,16 +316,21 @@ def main(
                 # Equivariance regulariser: this step's tau, a function of (seed, step); None when off.
                 tau = draw_equivariance_transform(cfg.loss.equivariance_weight, cfg.loss.equivariance_prob,
                                                   cfg.train.seed, global_step, (images.shape[-2] // f, images.shape[-1] // f))
-                # (B, 3, H, W), (B, 2c, h, w) [, decode(tau(z)) (B, 3, H', W')]
-                reconstructions, moments, *transformed = vae_forward(images, latent_transform=tau)
+                # (B, 3, H, W), (B, 2c, h, w) [, decode(tau(z)) (B, 3, H', W')] [, projection(z) (B, D, h, w)]
+                reconstructions, moments, *extra = vae_forward(images, latent_transform=tau)
                 posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves
-                equivariance = (tau(images), transformed[0]) if tau is not None else None
+                equivariance = (tau(images), extra[0]) if tau is not None else None
+                alignment = None
+                if teacher is not None:  # frozen teacher features (B, D, h, w) on z's grid, under the run's precision
+                    with accelerator.autocast():
+                        features = teacher(images, extra[-1].shape[-2:])
+                    alignment = (extra[-1], features, vae_unwrapped.encoder.conv_out.weight)
 
                 # Autoencoder (+ logvar) update. The unwrapped discriminator scores the
                 # reconstruction without collecting gradients of its own.
                 with accelerator.autocast():
                     loss_g, logs = loss_fn.generator_loss(images, reconstructions, posterior, global_step, last_layer,
-                                                          disc_unwrapped, shared_backward, equivariance)
+                                                          disc_unwrapped, shared_backward, equivariance, alignment)
                 accelerator.backward(loss_g)
                 if accelerator.sync_gradients and cfg.loss.learn_logvar and accelerator.num_processes > 1:
                     loss_fn.logvar.grad = accelerator.reduce(loss_fn.logvar.grad, reduction="mean")
@@ -364,16 +385,12 @@ def main(
         final = final_weights(vae_unwrapped, ema)
         keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
         if not keep_latent_space:
-            # Measured, never a hard-coded 0.18215; the latent cache re-measures them over
-            # the whole dataset.
-            scaling_factor, shift_factor = estimate_latent_factors(final.eval(), val_images)
-            final.register_to_config(scaling_factor=scaling_factor)
-            if cfg.model.measure_shift_factor:
-                final.register_to_config(shift_factor=shift_factor)
+            # Measured, never a hard-coded 0.18215 (the latent cache re-measures them over the
+            # whole dataset); kl_flux2's batch-norm statistics were tracked while training.
+            measure_latent_factors(final, val_images, cfg.model.measure_shift_factor)
         export_vae(final, vae_dir, card=dict(steps=global_step, data=cfg.data.train_dir or cfg.data.source, val=last_val,
                                              config=OmegaConf.to_container(OmegaConf.structured(cfg))))
-        logger.info("exported %s (scaling_factor %.4f, shift_factor %s)", vae_dir, final.config.scaling_factor,
-                    final.config.shift_factor)
+        logger.info("exported %s (%s)", vae_dir, latent_normalization(final))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),
