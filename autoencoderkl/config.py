@@ -504,7 +504,8 @@ def check_alignment(cfg: VAEConfig) -> None:
     Raises:
         ValueError: naming the key: a negative ``loss.alignment_weight``, margins that are
             not two numbers in [0, 2], a non-positive ``loss.alignment_resolution``, or
-            alignment on with ``train.decoder_only`` (the loss trains the encoder).
+            alignment on without the transformers package or with ``train.decoder_only``
+            (the loss trains the encoder).
     """
     loss = cfg.loss
     if loss.alignment_weight < 0:
@@ -514,6 +515,9 @@ def check_alignment(cfg: VAEConfig) -> None:
                          f"got {loss.alignment_margins}")
     if loss.alignment_resolution < 1:
         raise ValueError(f"loss.alignment_resolution must be >= 1 pixel, got {loss.alignment_resolution}")
+    if loss.alignment_weight > 0 and importlib.util.find_spec("transformers") is None:
+        raise ValueError('loss.alignment_weight > 0 loads its teacher with transformers: pip install -e ".[align]" '
+                         "(or pip install transformers), or set loss.alignment_weight=0")
     if loss.alignment_weight > 0 and cfg.train.decoder_only:
         raise ValueError("loss.alignment_weight > 0 trains the encoder, but train.decoder_only=true freezes it: "
                          "set loss.alignment_weight=0 or train.decoder_only=false")
