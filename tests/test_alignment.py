@@ -173,6 +173,7 @@ def test_weight_zero_is_bit_identical_to_a_run_without_the_feature(photo_dir, tm
     main(load_config(None, tiny_overrides(photo_dir, **off)), tmp_path / "off")
     a, b = checkpoint(tmp_path / "plain"), checkpoint(tmp_path / "off")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(k.startswith("vae.") for k in b)  # no projection: the checkpoint of a run without the feature
     lines = (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()
     assert not any("vf_loss" in line for line in lines)
 
