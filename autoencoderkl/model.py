@@ -619,8 +619,8 @@ class AutoencoderWithPosterior(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mode()
-        bn = getattr(self.vae, "bn", None)
-        if isinstance(bn, nn.BatchNorm2d) and self.training and not encoder_frozen:
+        bn = latent_batch_norm(self.vae)
+        if bn is not None and self.training and not encoder_frozen:
             with torch.no_grad():
                 bn.train()(patchify_latents(z.detach().float(), tuple(self.vae.config.patch_size)))
         outputs = [self.vae.decode(z).sample, posterior.parameters]
@@ -652,9 +652,8 @@ def estimate_latent_factors(vae: AutoencoderKL, images: Tensor, batch_size: int 
 
 def latent_normalization(vae: nn.Module) -> str:
     """One line saying how this VAE's latents are normalised for diffusion (logs, model card)."""
-    c = vae.config
-    if isinstance(getattr(vae, "bn", None), nn.BatchNorm2d):
-        bn = vae.bn
+    c, bn = vae.config, latent_batch_norm(vae)
+    if bn is not None:
         return (f"batch-norm running statistics of the {tuple(c.patch_size)}-patchified latents "
                 f"({bn.num_features} channels, mean abs running_mean {bn.running_mean.abs().mean():.4g}, "
                 f"mean running_var {bn.running_var.mean():.4g}, {int(bn.num_batches_tracked)} updates): "
@@ -663,23 +662,14 @@ def latent_normalization(vae: nn.Module) -> str:
     return f"`scaling_factor` {c.scaling_factor:.6g}{shift}: SD-style latents are `(z - shift_factor) * scaling_factor`"
 
 
-def measure_latent_factors(vae: nn.Module, images: Tensor, shift: bool) -> None:
-    """At export: write the measured ``scaling_factor`` (and ``shift_factor``) into the config.
+def latent_batch_norm(vae: nn.Module) -> nn.BatchNorm2d | None:
+    """The VAE's latent batch norm (``AutoencoderKLFlux2.bn``), or None for a ``scaling_factor`` VAE.
 
-    A VAE with a latent batch norm (``AutoencoderKLFlux2``) has no such factors: its
-    ``bn`` running statistics, tracked while the encoder trained, are its normalisation,
-    and nothing is measured on top.
-
-    Args:
-        images: (N, 3, H, W) float in [-1, 1], on the VAE's device.
-        shift: also register ``shift_factor`` (``model.measure_shift_factor``).
+    Where it exists, its running statistics are the latent normalisation: nothing is
+    measured at export on top of them.
     """
-    if isinstance(getattr(vae, "bn", None), nn.BatchNorm2d):
-        return
-    scaling_factor, shift_factor = estimate_latent_factors(vae.eval(), images)
-    vae.register_to_config(scaling_factor=scaling_factor)
-    if shift:
-        vae.register_to_config(shift_factor=shift_factor)
+    bn = getattr(vae, "bn", None)
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
 
 
 def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, card: dict[str, Any] | None = None) -> Path:

@@ -47,11 +47,12 @@ from .metrics import psnr_ssim_8bit
 from .model import (
     AutoencoderWithPosterior,
     build_vae,
+    estimate_latent_factors,
     export_vae,
     freeze_encoder,
+    latent_batch_norm,
     latent_normalization,
     load_vae,
-    measure_latent_factors,
     vae_type,
 )
 from .checkpoints import DATA_STATE, load_checkpoint, load_data_state
@@ -384,10 +385,14 @@ def main(
     if accelerator.is_main_process:
         final = final_weights(vae_unwrapped, ema)
         keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
-        if not keep_latent_space:
-            # Measured, never a hard-coded 0.18215 (the latent cache re-measures them over the
-            # whole dataset); kl_flux2's batch-norm statistics were tracked while training.
-            measure_latent_factors(final, val_images, cfg.model.measure_shift_factor)
+        # kl_flux2's batch-norm statistics were tracked while training: nothing is measured on top.
+        if not keep_latent_space and latent_batch_norm(final) is None:
+            # Measured, never a hard-coded 0.18215; the latent cache re-measures them over
+            # the whole dataset.
+            scaling_factor, shift_factor = estimate_latent_factors(final.eval(), val_images)
+            final.register_to_config(scaling_factor=scaling_factor)
+            if cfg.model.measure_shift_factor:
+                final.register_to_config(shift_factor=shift_factor)
         export_vae(final, vae_dir, card=dict(steps=global_step, data=cfg.data.train_dir or cfg.data.source, val=last_val,
                                              config=OmegaConf.to_container(OmegaConf.structured(cfg))))
         logger.info("exported %s (%s)", vae_dir, latent_normalization(final))

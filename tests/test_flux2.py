@@ -51,7 +51,7 @@ def test_kl_flux2_trains_resumes_bit_exactly_exports_and_reloads_with_plain_diff
     # The export loads with plain diffusers, batch-norm statistics included (the EMA copy
     # takes the trained model's buffers: EMAModel averages parameters only).
     exported = AutoencoderKLFlux2.from_pretrained(straight / "vae")
-    assert type(AutoModel.from_pretrained(straight / "vae")) is AutoencoderKLFlux2
+    assert type(AutoModel.from_pretrained(str(straight / "vae"))) is AutoencoderKLFlux2
     assert type(load_vae(straight)) is AutoencoderKLFlux2
     trained = summary["vae"]
     assert torch.equal(exported.bn.running_mean, trained.bn.running_mean)
