@@ -40,6 +40,11 @@ T = TypeVar("T")
 class ModelConfig:
     """The diffusers ``AutoencoderKL`` to build (SD 1.x "kl-f8" shape by default)."""
 
+    # kl: diffusers AutoencoderKL (SD 1.x/2.x/XL, SD3, FLUX.1). kl_flux2: diffusers
+    # AutoencoderKLFlux2 (FLUX.2's layout: the same encoder/decoder, plus a non-affine
+    # BatchNorm over 2x2-patchified latents whose running statistics, updated while the
+    # encoder trains, are its latent normalisation in place of a scaling_factor).
+    type: str = "kl"
     # Channels of each resolution level; len(block_out_channels) - 1 downsamplings, so
     # four entries give the 8x spatial factor f = H // h of kl-f8.
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
@@ -101,6 +106,27 @@ class LossConfig:
     equivariance: str = "off"
     equivariance_prob: float = 0.5  # EQ-VAE's p_prior: share of steps with the transformed pair
     equivariance_prior_scale_prob: float = 0.25  # EQ-VAE's p_prior_s: of the other steps, share at low resolution
+    # Alignment of the latents to a frozen vision model (VA-VAE, Yao et al. 2025, "Reconstruction
+    # vs. Generation: Taming Optimization Dilemma in Latent Diffusion Models"; hustvl/LightningDiT
+    # vavae/): a learned 1x1 projection of the posterior sample z is compared with the teacher's
+    # patch features on z's grid by a marginal cosine term and a marginal distance-matrix term
+    # (autoencoderkl.alignment). The sum is scaled by the adaptive weight ||grad nll|| /
+    # ||grad vf_loss|| at the encoder's last conv times alignment_weight (VA-VAE: 0.1). 0 = off
+    # (no teacher is loaded; the run is bit-identical to one without the feature). Logged as
+    # vf_loss and vf_weight.
+    alignment_weight: float = 0.0
+    # A transformers vision model with patch tokens: a Hub id (downloaded once into the HF
+    # cache; offline, cache it first), a local folder (save_pretrained), or stand-in:HUB_ID (a
+    # RANDOMLY initialised model of that published DINOv2 shape: demos, tests and cost
+    # measurements only, it aligns to nothing meaningful). VA-VAE uses DINOv2-large.
+    alignment_teacher: str = "facebook/dinov2-large"
+    # (cos_margin, distmat_margin): per-position cosine similarities above 1 - cos_margin, and
+    # pairwise-similarity differences below distmat_margin, contribute no loss nor gradient.
+    # VA-VAE f16d32_vfdinov2.yaml: cos_margin 0.5, distmat_margin 0.25.
+    alignment_margins: list[float] = field(default_factory=lambda: [0.5, 0.25])
+    # Side in pixels of the images the teacher sees (the crop is resized to it); a multiple of
+    # the teacher's patch size. VA-VAE: 224 (DINOv2's 16 x 16 patches of 14 px).
+    alignment_resolution: int = 224
 
 
 @dataclass
@@ -244,6 +270,7 @@ class VAEConfig:
 # Values that must come from a fixed set, checked after merging.
 # Choices of the keys both stages have (LoopConfig and the optimizer schedule).
 LOOP_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.type": ("kl", "kl_flux2"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.nonfinite_action": ("stop", "rollback"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
@@ -449,8 +476,9 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         FileNotFoundError, ValueError: as ``merge_config``; also ValueError when
             ``data.resolution`` is not a positive multiple of 8, ``data.resize`` is smaller
             than the crop, ``data.source=folder`` has no ``data.train_dir``,
-            ``data.source=hf`` misses a key (``check_hf_data``), or an equivariance
-            probability lies outside [0, 1].
+            ``data.source=hf`` misses a key (``check_hf_data``), an equivariance
+            probability lies outside [0, 1], or an alignment setting is out of range or
+            combined with ``train.decoder_only``.
     """
     cfg = merge_config(VAEConfig, yaml_path, overrides, CHOICES)
     d = cfg.data
@@ -466,7 +494,33 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     for key in ("equivariance_prob", "equivariance_prior_scale_prob"):
         if not 0.0 <= getattr(cfg.loss, key) <= 1.0:
             raise ValueError(f"loss.{key} must lie in [0, 1], got {getattr(cfg.loss, key)}")
+    check_alignment(cfg)
     return cfg
+
+
+def check_alignment(cfg: VAEConfig) -> None:
+    """The alignment keys' ranges, before any work.
+
+    Raises:
+        ValueError: naming the key: a negative ``loss.alignment_weight``, margins that are
+            not two numbers in [0, 2], a non-positive ``loss.alignment_resolution``, or
+            alignment on without the transformers package or with ``train.decoder_only``
+            (the loss trains the encoder).
+    """
+    loss = cfg.loss
+    if loss.alignment_weight < 0:
+        raise ValueError(f"loss.alignment_weight must be >= 0 (0 = off), got {loss.alignment_weight}")
+    if len(loss.alignment_margins) != 2 or not all(0.0 <= m <= 2.0 for m in loss.alignment_margins):
+        raise ValueError(f"loss.alignment_margins must be two numbers in [0, 2], (cos_margin, distmat_margin), "
+                         f"got {loss.alignment_margins}")
+    if loss.alignment_resolution < 1:
+        raise ValueError(f"loss.alignment_resolution must be >= 1 pixel, got {loss.alignment_resolution}")
+    if loss.alignment_weight > 0 and importlib.util.find_spec("transformers") is None:
+        raise ValueError('loss.alignment_weight > 0 loads its teacher with transformers: pip install -e ".[align]" '
+                         "(or pip install transformers), or set loss.alignment_weight=0")
+    if loss.alignment_weight > 0 and cfg.train.decoder_only:
+        raise ValueError("loss.alignment_weight > 0 trains the encoder, but train.decoder_only=true freezes it: "
+                         "set loss.alignment_weight=0 or train.decoder_only=false")
 
 
 def check_hf_data(d: DataConfig) -> None:

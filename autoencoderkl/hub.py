@@ -26,7 +26,7 @@ def is_hub_id(text: str) -> bool:
 
 
 def load_vae_from_hub(repo_id: str) -> Any:
-    """``AutoencoderKL.from_pretrained`` of a Hub id (downloaded once into the HF cache).
+    """``diffusers.AutoModel.from_pretrained`` of a Hub id (downloaded once into the HF cache).
 
     ``owner/name`` is tried at the repository's root, then in its ``vae/`` subfolder (a
     whole diffusers pipeline); ``owner/name/sub`` names the subfolder.
@@ -34,19 +34,20 @@ def load_vae_from_hub(repo_id: str) -> Any:
     Args:
         repo_id: ``owner/name`` or ``owner/name/subfolder``.
     Returns:
-        The ``AutoencoderKL`` in eval mode, float32, on the CPU.
+        The model its ``config.json`` names (``AutoencoderKL``, ``AutoencoderKLFlux2``) in
+        eval mode, float32, on the CPU.
     Raises:
         FileNotFoundError: when it cannot be had: the message says whether the machine is
             offline (``HF_HUB_OFFLINE``, or no connection) and how to download it first.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoModel
 
     parts = repo_id.split("/")
     repo, subfolders = "/".join(parts[:2]), (["/".join(parts[2:])] if len(parts) > 2 else [None, "vae"])
     errors = []
     for subfolder in subfolders:
         try:
-            return AutoencoderKL.from_pretrained(repo, subfolder=subfolder).eval()
+            return AutoModel.from_pretrained(repo, subfolder=subfolder).eval()
         except (OSError, ValueError) as exc:  # huggingface_hub's not-found/offline errors derive from these
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or any(

@@ -166,6 +166,9 @@ def ema_weights(ema: Any, model: torch.nn.Module) -> Iterator[None]:
 def final_weights(model: Any, ema: Any) -> Any:
     """The model to export: ``model`` itself, or a fresh copy holding the EMA weights.
 
+    ``EMAModel`` averages parameters only; the copy takes the trained model's buffers
+    (e.g. ``AutoencoderKLFlux2.bn``'s running statistics) as they are.
+
     Args:
         model: a diffusers model (``from_config`` and ``config``), unwrapped.
         ema: a diffusers ``EMAModel`` or None.
@@ -174,4 +177,7 @@ def final_weights(model: Any, ema: Any) -> Any:
         return model
     copy = type(model).from_config(model.config).to(next(model.parameters()).device)
     ema.copy_to(copy.parameters())
+    buffers = dict(model.named_buffers())
+    for name, buffer in copy.named_buffers():
+        buffer.copy_(buffers[name])
     return copy

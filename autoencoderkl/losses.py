@@ -11,6 +11,8 @@ Reductions, so that the weights in ``LossConfig`` mean something:
 - ``nll_loss``: per-pixel NLL summed over (3, H, W), mean over the batch.
 - ``kl_loss``: KL to N(0, I) summed over (c, h, w), mean over the batch.
 - ``g_loss`` / ``d_loss``: means over batch and patch logits.
+- ``vf_loss`` (VA-VAE's alignment to a frozen vision model, off by default): means over
+  positions and pairs of positions (``autoencoderkl.alignment``), times its adaptive weight.
 
 Perceptual weights: ``build_perceptual`` gives LPIPS with torchvision's VGG16 ImageNet
 weights (``VGG16_FILE`` under ``torch.hub.get_dir()/checkpoints``), or a random backbone
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import VGG16_Weights
 
+from autoencoderkl.alignment import adaptive_alignment_weight, alignment_loss
 from autoencoderkl.config import LossConfig
 
 # The torchvision weights LPIPS(net="vgg", pnet_rand=False) loads for its backbone.
@@ -305,6 +308,7 @@ class AutoencoderLoss(nn.Module):
         last_layer: nn.Parameter | None,
         discriminator: nn.Module | None,
         shared_backward: bool = False,
+        alignment: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         """The autoencoder's loss (LDM ``LPIPSWithDiscriminator.forward``, optimizer_idx 0).
 
@@ -326,12 +330,18 @@ class AutoencoderLoss(nn.Module):
                 whose backward reuses those gradients (``_shared_backward_loss``): same
                 value and gradients, fewer FLOPs. Not for fp16 autocast (the shared
                 gradients are taken before the GradScaler scales the loss).
+            alignment: ``(projection(z), teacher features, encoder last-layer weight)``,
+                (B, D, h, w) twice and ``vae.encoder.conv_out.weight``, when
+                ``cfg.alignment_weight`` > 0: ``vf_weight * vf_loss`` is added
+                (``autoencoderkl.alignment``; the adaptive weight needs gradients, so under
+                no_grad it is 0). Ignored when the weight is 0.
         Returns:
             ``(loss, logs)``: ``loss`` a () float32 scalar to backpropagate; ``logs`` python
             floats ``loss``, ``nll_loss`` (sum over pixels, mean over batch), ``rec_loss``
             (per-element mean of the pixel + weighted LPIPS term), ``p_loss`` (mean LPIPS,
             0 when off), ``kl_loss`` (sum over (c, h, w), mean over batch), ``g_loss``,
-            ``d_weight``, ``disc_factor`` (0 before ``disc_start``), ``logvar``.
+            ``d_weight``, ``disc_factor`` (0 before ``disc_start``), ``logvar``; with the
+            alignment on also ``vf_loss``, ``vf_weight``, ``vf_mdms_loss`` and ``vf_mcos_loss``.
         Raises:
             ValueError: if the GAN term is on and ``last_layer`` is None, or if inputs and
                 reconstructions differ in shape.
@@ -345,6 +355,12 @@ class AutoencoderLoss(nn.Module):
         kl_loss = posterior.kl().to(device=x.device, dtype=torch.float32).sum() / B
 
         zero = torch.zeros((), device=x.device)
+        vf_terms = None
+        if self.cfg.alignment_weight > 0 and alignment is not None:
+            # Before the GAN's shared backward, which frees LPIPS' graph that this weight needs.
+            vf_terms = alignment_loss(alignment[0], alignment[1], self.cfg.alignment_margins)
+            vf_weight = (adaptive_alignment_weight(nll_loss, vf_terms[0], alignment[2], self.cfg.alignment_weight)
+                         if torch.is_grad_enabled() else zero)
         use_gan = discriminator is not None and self.gan_active(global_step)
         if use_gan:
             if last_layer is None:
@@ -376,6 +392,10 @@ class AutoencoderLoss(nn.Module):
             loss = nll_loss + self.cfg.kl_weight * kl_loss + d_weight * disc_factor * g_loss
         names = ["loss", "nll_loss", "rec_loss", "p_loss", "kl_loss", "g_loss", "d_weight", "logvar"]
         terms = [nll_loss, rec_loss.mean(), p_loss.mean(), kl_loss, g_loss, d_weight, logvar]
+        if vf_terms is not None:  # its own graph: outside the GAN's adaptive weight, as VA-VAE
+            loss = loss + vf_weight * vf_terms[0]
+            names += ["vf_loss", "vf_weight", "vf_mdms_loss", "vf_mcos_loss"]
+            terms += [vf_terms[0], vf_weight, vf_terms[1], vf_terms[2]]
         values = torch.stack([loss, *terms]).detach().tolist()  # one device sync
         logs = dict(zip(names, values))
         logs["disc_factor"] = disc_factor

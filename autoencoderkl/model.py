@@ -1,7 +1,12 @@
-"""Build, load, run and export the diffusers ``AutoencoderKL``.
+"""Build, load, run and export the diffusers ``AutoencoderKL`` (and ``AutoencoderKLFlux2``).
 
 The model *is* ``diffusers.AutoencoderKL`` (no subclass), so every weight a run writes
 loads with ``AutoencoderKL.from_pretrained(DIR)`` and its ``config.json`` is readable.
+``model.type: kl_flux2`` builds diffusers' ``AutoencoderKLFlux2`` instead (FLUX.2's
+layout, ``VAE_CLASSES``): the same encoder and decoder, plus a non-affine ``bn``
+(BatchNorm2d over the 2x2-patchified latent, ``patchify_latents``) whose running
+statistics are its latent normalisation; it loads with
+``AutoencoderKLFlux2.from_pretrained(DIR)``.
 ``AutoencoderWithPosterior`` is only a thin ``nn.Module`` around it whose ``forward``
 does encode -> sample -> decode in one call: under DDP, only a call through the wrapped
 module's ``forward`` all-reduces gradients, and ``AutoencoderKL.forward`` does not return
@@ -21,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import LDM_VAE_DEFAULT_SCALING_FACTOR
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from diffusers.loaders.single_file_utils import LDM_VAE_DEFAULT_SCALING_FACTOR, convert_ldm_vae_checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -32,18 +37,67 @@ from .config import ModelConfig
 from .hub import is_hub_id, load_vae_from_hub, write_model_card
 
 
+# model.type -> the diffusers class it builds; the one place that maps names to classes.
+VAE_CLASSES: dict[str, type] = {"kl": AutoencoderKL, "kl_flux2": AutoencoderKLFlux2}
+
+
+def vae_type(vae: nn.Module) -> str:
+    """The ``model.type`` of a built or loaded VAE (``kl`` or ``kl_flux2``).
+
+    Raises:
+        ValueError: for a model of another class.
+    """
+    for name, cls in VAE_CLASSES.items():
+        if type(vae) is cls:
+            return name
+    raise ValueError(f"{type(vae).__name__} is not one of the VAE classes this toolkit trains "
+                     f"({', '.join(c.__name__ for c in VAE_CLASSES.values())})")
+
+
+def patchify_latents(z: Tensor, patch_size: tuple[int, int] = (2, 2)) -> Tensor:
+    """FLUX.2's patchify: (B, c, h, w) -> (B, c * p * q, h / p, w / q).
+
+    Channel ``c * p * q + i * q + j`` holds ``z[:, c, i::p, j::q]``: the layout of
+    diffusers' ``Flux2Pipeline._patchify_latents`` and BFL's ``rearrange(z, "... c (i pi)
+    (j pj) -> ... (c pi pj) i j")``, which ``AutoencoderKLFlux2.bn`` normalises.
+
+    Args:
+        z: (B, c, h, w) latents, any float dtype; h, w divisible by the patch.
+        patch_size: (p, q), ``vae.config.patch_size``.
+    Returns:
+        (B, c * p * q, h / p, w / q), same dtype (a view-free reshape copy).
+    """
+    p, q = patch_size
+    B, c, h, w = z.shape
+    return z.reshape(B, c, h // p, p, w // q, q).permute(0, 1, 3, 5, 2, 4).reshape(B, c * p * q, h // p, w // q)
+
+
+def unpatchify_latents(latents: Tensor, patch_size: tuple[int, int] = (2, 2)) -> Tensor:
+    """The inverse of ``patchify_latents``: (B, c * p * q, h', w') -> (B, c, h' p, w' q), exactly."""
+    p, q = patch_size
+    B, C, h, w = latents.shape
+    return latents.reshape(B, C // (p * q), p, q, h, w).permute(0, 1, 4, 2, 5, 3).reshape(B, C // (p * q), h * p, w * q)
+
+
 def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
-    """A randomly initialised ``AutoencoderKL`` with the configured shape.
+    """A randomly initialised ``AutoencoderKL`` (or ``AutoencoderKLFlux2``) with the configured shape.
 
     Args:
         cfg: ``model.*`` options; ``len(block_out_channels) - 1`` downsamplings give
-            f = 2 ** (len - 1) (8 for the four levels of SD's kl-f8).
+            f = 2 ** (len - 1) (8 for the four levels of SD's kl-f8); ``cfg.type`` picks the
+            class (``VAE_CLASSES``).
         resolution: training image side in pixels, stored as ``sample_size``.
     Returns:
-        An ``AutoencoderKL`` in train mode, float32, on the CPU. Its ``scaling_factor``
-        is 1.0 until the run measures the latents at export (``estimate_latent_factors``).
+        The model in train mode, float32, on the CPU. An ``AutoencoderKL``'s
+        ``scaling_factor`` is 1.0 until the run measures the latents at export
+        (``estimate_latent_factors``); an ``AutoencoderKLFlux2``'s ``bn`` starts at mean 0,
+        variance 1 and tracks the patchified latents while the encoder trains
+        (``AutoencoderWithPosterior``), with diffusers' defaults ``patch_size`` (2, 2),
+        ``batch_norm_eps`` 1e-4, ``batch_norm_momentum`` 0.1 (BFL's FLUX.2 values).
     Raises:
-        ValueError: if a block width is not divisible by ``norm_num_groups``.
+        ValueError: if a block width is not divisible by ``norm_num_groups``, or
+            ``measure_shift_factor`` is asked of a ``kl_flux2`` model (its batch norm
+            centres the latents).
     """
     bad = [c for c in cfg.block_out_channels if c % cfg.norm_num_groups]
     if bad:
@@ -52,7 +106,7 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
             f"model.norm_num_groups={cfg.norm_num_groups} (GroupNorm); {bad} are not"
         )
     n = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    shape = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
@@ -62,20 +116,26 @@ def build_vae(cfg: ModelConfig, resolution: int) -> AutoencoderKL:
         latent_channels=cfg.latent_channels,
         norm_num_groups=cfg.norm_num_groups,
         sample_size=resolution,
-        scaling_factor=1.0,
         mid_block_add_attention=cfg.mid_block_add_attention,
         use_quant_conv=cfg.use_quant_conv,
         use_post_quant_conv=cfg.use_post_quant_conv,
     )
+    if cfg.type == "kl_flux2":
+        if cfg.measure_shift_factor:
+            raise ValueError("model.measure_shift_factor is for model.type=kl: kl_flux2's batch norm already centres "
+                             "the latents (its running mean); set model.measure_shift_factor=false")
+        return AutoencoderKLFlux2(**shape)
+    return AutoencoderKL(**shape, scaling_factor=1.0)
 
 
 def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from any of the places a user keeps one.
+    """Load an ``AutoencoderKL`` (or ``AutoencoderKLFlux2``) from any of the places a user keeps one.
 
     Accepted ``path``:
 
     * a diffusers-format folder (``config.json`` + ``diffusion_pytorch_model.safetensors``,
-      what ``save_pretrained`` and ``export_vae`` write);
+      what ``save_pretrained`` and ``export_vae`` write); its ``_class_name`` picks the
+      class (``VAE_CLASSES``);
     * a training output dir, or a diffusers pipeline folder, whose ``vae/`` is such a folder;
     * an original single-file checkpoint in the CompVis/Stable Diffusion key layout
       (``encoder.down.0.block.0.conv1.weight``, ...): ``.safetensors``, or a ``.ckpt`` /
@@ -83,7 +143,9 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -
       Stability's ``vae-ft-mse-840000-ema-pruned``) or a whole SD checkpoint (the VAE keys
       under ``first_stage_model.``) both work. The keys are converted by diffusers'
       single-file loader (``AutoencoderKL.from_single_file``) against a LOCAL config, so no
-      hub access happens;
+      hub access happens. A FLUX.2 file (BFL's ``ae.safetensors`` layout: the same keys plus
+      ``encoder.quant_conv``, ``decoder.post_quant_conv`` and ``bn.running_mean`` /
+      ``bn.running_var``) gives an ``AutoencoderKLFlux2`` (``_load_flux2_file``);
     * a Hugging Face Hub id (``stabilityai/sd-vae-ft-mse``, or ``owner/name/vae`` for a
       pipeline's VAE) that is not a local path: loaded through the HF cache, downloaded
       when online (``autoencoderkl.hub.load_vae_from_hub``; offline, the error says how to
@@ -107,17 +169,25 @@ def load_vae(path: str | os.PathLike, config: str | os.PathLike | None = None) -
             ``config.json`` nor ``vae/config.json``.
         ValueError: if a file has another suffix, cannot be read (corrupt, or a ``.ckpt``
             holding pickled objects besides tensors), holds no VAE weights in the original
-            layout, or misses weights the config needs.
+            layout, or misses weights the config needs; if a folder holds another class
+            than ``VAE_CLASSES``.
     """
     root = Path(path)
     if is_hub_id(str(path)):
-        return load_vae_from_hub(str(path))
+        vae = load_vae_from_hub(str(path))
+        vae_type(vae)  # another class (a VQ model, a tiny VAE) is an error here, not later
+        return vae
     if root.is_file():
         return _load_single_file(root, config)
     if root.is_dir():
         for candidate in (root, root / "vae"):
             if (candidate / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(candidate, local_files_only=True).eval()
+                name = _read_config(candidate).get("_class_name", "AutoencoderKL")
+                classes = {cls.__name__: cls for cls in VAE_CLASSES.values()}
+                if name not in classes:
+                    raise ValueError(f"{candidate / 'config.json'} describes a {name}; this toolkit loads "
+                                     f"{' and '.join(classes)}")
+                return classes[name].from_pretrained(candidate, local_files_only=True).eval()
     what = "is a folder without config.json or vae/config.json" if root.is_dir() else "does not exist"
     raise FileNotFoundError(
         f"no AutoencoderKL at {root} ({what}): expected a diffusers folder with config.json and "
@@ -257,6 +327,9 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Autoencod
                     f"{list(ORIGINAL_VAE_PREFIXES)}")
         raise ValueError(f"{path} is not an original-layout (CompVis/SD) VAE checkpoint: {hint}")
     state_dict = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if "bn.running_mean" in state_dict:  # FLUX.2's layout
+        cfg = _read_config(config) if config is not None else stored
+        return _load_flux2_file(path, state_dict, cfg)
     if config is not None:
         cfg = _read_config(config)
     elif stored is not None:
@@ -293,6 +366,71 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> Autoencod
     return vae.eval()
 
 
+# BFL's FLUX.2 autoencoder (black-forest-labs/flux2 src/flux2/autoencoder.py) keeps the 1x1
+# quant convs inside its Encoder / Decoder and the latent BatchNorm at the top level;
+# diffusers' AutoencoderKLFlux2 names them as AutoencoderKL does. (diffusers name, BFL name).
+FLUX2_RENAMES = (("quant_conv.", "encoder.quant_conv."), ("post_quant_conv.", "decoder.post_quant_conv."))
+FLUX2_KEY_RE = re.compile(r"^((encoder\.quant_conv|decoder\.post_quant_conv)\.(weight|bias)|bn\.running_(mean|var))$")
+FLUX2_BN_EPS = 1e-4  # BFL's AutoEncoder.bn_eps (= diffusers' default batch_norm_eps)
+FLUX2_BN_MOMENTUM = 0.1  # BFL's AutoEncoder.bn_momentum
+
+
+def infer_flux2_config(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """An ``AutoencoderKLFlux2`` config from the tensor shapes of a FLUX.2 single file.
+
+    The encoder/decoder are LDM's (``infer_original_config`` reads them, after the quant
+    convs are renamed to diffusers' places); the patch comes from the batch norm's width,
+    ``bn.running_mean`` having ``latent_channels * p * p`` entries; eps and momentum are
+    BFL's constants (a file does not store them).
+
+    Args:
+        state_dict: FLUX.2-layout tensors without prefix, quant convs already renamed
+            (``quant_conv.*``, ``post_quant_conv.*``).
+    Raises:
+        ValueError: if the batch norm's width is not latent_channels times a square.
+    """
+    cfg = infer_original_config(state_dict)
+    del cfg["scaling_factor"]
+    width, c = int(state_dict["bn.running_mean"].numel()), cfg["latent_channels"]
+    p = int(round((width / c) ** 0.5))
+    if p * p * c != width:
+        raise ValueError(f"bn.running_mean has {width} entries, not latent_channels ({c}) x a square patch")
+    return {**cfg, "_class_name": "AutoencoderKLFlux2", "patch_size": [p, p], "sample_size": 1024,
+            "batch_norm_eps": FLUX2_BN_EPS, "batch_norm_momentum": FLUX2_BN_MOMENTUM}
+
+
+def _load_flux2_file(path: Path, state_dict: dict[str, Tensor], cfg: dict[str, Any] | None) -> AutoencoderKLFlux2:
+    """``load_vae`` for a FLUX.2 single file: rename BFL's keys, convert the LDM rest with diffusers.
+
+    Args:
+        path: the file (for messages).
+        state_dict: its tensors without prefix, BFL names.
+        cfg: a diffusers config (given, or stored by ``save_original_checkpoint``), or None
+            to infer it (``infer_flux2_config``; nothing is guessed that changes the outputs:
+            BFL's GroupNorm(32), eps and momentum are constants of its code).
+    Raises:
+        ValueError: if the file lacks weights the config needs or holds ones it does not.
+    """
+    renamed = {}
+    for key, tensor in state_dict.items():
+        for ours, theirs in FLUX2_RENAMES:
+            if key.startswith(theirs):
+                key = ours + key[len(theirs):]
+        renamed[key] = tensor
+    if cfg is None:
+        cfg = infer_flux2_config(renamed)
+    converted = convert_ldm_vae_checkpoint({k: v for k, v in renamed.items() if not k.startswith("bn.")}, cfg)
+    converted.update({k: v for k, v in renamed.items() if k.startswith("bn.")})
+    with torch.random.fork_rng(devices=[]):  # the random init that load_state_dict overwrites draws no run RNG
+        vae = AutoencoderKLFlux2.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    missing, unexpected = vae.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if k != "bn.num_batches_tracked"]  # BFL's file has none; it counts nothing we use
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit its FLUX.2 config: lacks {missing[:3]} ({len(missing)}), "
+                         f"has unexpected {unexpected[:3]} ({len(unexpected)}); is the config right for this file?")
+    return vae.to(torch.float32).eval()
+
+
 def _diffusers_to_original_key(key: str, num_levels: int) -> str:
     """One diffusers ``AutoencoderKL`` parameter name -> its CompVis/SD name.
 
@@ -325,10 +463,14 @@ def original_state_dict(vae: AutoencoderKL, prefix: str = "") -> dict[str, Tenso
     """The VAE's weights under CompVis/Stable Diffusion names (the reverse of diffusers' conversion).
 
     Attention projections become 1x1 convolutions, (C, C) -> (C, C, 1, 1), as LDM's
-    ``AttnBlock`` holds them; every other tensor is shared unchanged.
+    ``AttnBlock`` holds them; every other tensor is shared unchanged. An
+    ``AutoencoderKLFlux2`` gets BFL's FLUX.2 names (``FLUX2_RENAMES``: the quant convs under
+    ``encoder.`` / ``decoder.``; ``bn.running_mean`` / ``bn.running_var``; its
+    ``num_batches_tracked`` counter is left out, as BFL's files do).
 
     Args:
-        vae: any ``AutoencoderKL`` built from ``DownEncoderBlock2D``/``UpDecoderBlock2D``.
+        vae: any ``AutoencoderKL`` or ``AutoencoderKLFlux2`` built from
+            ``DownEncoderBlock2D``/``UpDecoderBlock2D``.
         prefix: put before every key, e.g. ``"first_stage_model."`` as in a whole SD checkpoint.
     Returns:
         name -> tensor (contiguous, on the CPU, in the model's dtype).
@@ -336,10 +478,16 @@ def original_state_dict(vae: AutoencoderKL, prefix: str = "") -> dict[str, Tenso
         ValueError: if a parameter has no counterpart in the original layout.
     """
     num_levels = len(vae.config.block_out_channels)
+    flux2 = isinstance(vae, AutoencoderKLFlux2)
     out: dict[str, Tensor] = {}
     for name, tensor in vae.state_dict().items():
+        if flux2 and name == "bn.num_batches_tracked":
+            continue
         key = _diffusers_to_original_key(name, num_levels)
-        if not ORIGINAL_KEY_RE.match(key):
+        for ours, theirs in FLUX2_RENAMES if flux2 else ():
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+        if not (ORIGINAL_KEY_RE.match(key) or (flux2 and FLUX2_KEY_RE.match(key))):
             raise ValueError(f"parameter {name} has no counterpart in the original VAE layout (got {key})")
         if re.search(r"\.attn_1\.(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]
@@ -409,7 +557,9 @@ def freeze_encoder(vae: AutoencoderKL) -> None:
     """Freeze the encoder and ``quant_conv`` so only the decoder trains.
 
     The latent space (what stage 2 and any cache depend on) is kept exactly, as in
-    diffusers' VAE fine-tuning example and Stability's sd-vae-ft-* releases.
+    diffusers' VAE fine-tuning example and Stability's sd-vae-ft-* releases. An
+    ``AutoencoderKLFlux2``'s batch-norm statistics are part of that latent space: with
+    the encoder frozen, ``AutoencoderWithPosterior`` no longer updates them.
     """
     for module in (vae.encoder, vae.quant_conv):
         if module is not None:
@@ -421,17 +571,32 @@ class AutoencoderWithPosterior(nn.Module):
 
     ``accelerator.prepare`` wraps *this* module, so encode and decode both run inside
     DDP's forward and their gradients are all-reduced. (diffusers' research VAE example
-    calls the unwrapped model and trains each GPU alone.)
+    calls the unwrapped model and trains each GPU alone.) The alignment loss's learned
+    projection (``autoencoderkl.alignment``) lives here too, for the same reason, and is
+    checkpointed with the model.
+
+    A VAE with a latent batch norm (``AutoencoderKLFlux2.bn``) has its running statistics
+    updated in every training-mode forward while its encoder trains: the detached
+    posterior sample, patchified, passes through ``bn`` (BatchNorm2d's momentum update; the
+    output is unused). Under DDP the buffers are broadcast from rank 0 at each forward, so
+    rank 0's batches set them.
+
+    Args:
+        vae: the ``AutoencoderKL`` / ``AutoencoderKLFlux2``.
+        projection: the alignment's ``nn.Conv2d(c, D, 1)`` from latents to teacher
+            features, or None (alignment off).
     """
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, projection: nn.Module | None = None):
         super().__init__()
         self.vae = vae
+        if projection is not None:  # (absent, not None: the state dict is unchanged when off)
+            self.projection = projection
 
     def forward(
         self, images: Tensor, sample_posterior: bool = True, latent_transform: Callable[[Tensor], Tensor] | None = None
     ) -> tuple[Tensor, ...]:
-        """Encode, draw z from the posterior, decode it (or a transformed z).
+        """Encode, draw z from the posterior, decode it (or a transformed z), project z.
 
         Args:
             images: (B, 3, H, W) float in [-1, 1]; H and W divisible by f.
@@ -446,14 +611,22 @@ class AutoencoderWithPosterior(nn.Module):
             moments: (B, 2c, H/f, W/f) posterior mean and logvar (of the untransformed
                 images) concatenated on the channel axis;
                 ``DiagonalGaussianDistribution(moments)`` rebuilds it.
+            projected latents: last, only with a ``projection``: projection(z) of the
+                untransformed z, (B, D, h, w), with its graph through the encoder.
         """
         encoder_frozen = not any(p.requires_grad for p in self.vae.encoder.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         z = posterior.sample() if sample_posterior else posterior.mode()
-        if latent_transform is not None:
-            z = latent_transform(z)
-        return self.vae.decode(z).sample, posterior.parameters
+        bn = latent_batch_norm(self.vae)
+        if bn is not None and self.training and not encoder_frozen:
+            with torch.no_grad():
+                bn.train()(patchify_latents(z.detach().float(), tuple(self.vae.config.patch_size)))
+        decoded = z if latent_transform is None else latent_transform(z)
+        outputs = [self.vae.decode(decoded).sample, posterior.parameters]
+        if hasattr(self, "projection"):
+            outputs.append(self.projection(z))
+        return tuple(outputs)
 
 
 @torch.no_grad()
@@ -473,6 +646,28 @@ def estimate_latent_factors(vae: AutoencoderKL, images: Tensor, batch_size: int 
     """
     z = torch.cat([vae.encode(images[i : i + batch_size]).latent_dist.sample() for i in range(0, len(images), batch_size)])
     return float(1.0 / z.float().std()), float(z.float().mean())
+
+
+def latent_normalization(vae: nn.Module) -> str:
+    """One line saying how this VAE's latents are normalised for diffusion (logs, model card)."""
+    c, bn = vae.config, latent_batch_norm(vae)
+    if bn is not None:
+        return (f"batch-norm running statistics of the {tuple(c.patch_size)}-patchified latents "
+                f"({bn.num_features} channels, mean abs running_mean {bn.running_mean.abs().mean():.4g}, "
+                f"mean running_var {bn.running_var.mean():.4g}, {int(bn.num_batches_tracked)} updates): "
+                f"latents = (patchify(z) - running_mean) / sqrt(running_var + {c.batch_norm_eps:g})")
+    shift = f", `shift_factor` {c.shift_factor:.6g}" if c.shift_factor else ""
+    return f"`scaling_factor` {c.scaling_factor:.6g}{shift}: SD-style latents are `(z - shift_factor) * scaling_factor`"
+
+
+def latent_batch_norm(vae: nn.Module) -> nn.BatchNorm2d | None:
+    """The VAE's latent batch norm (``AutoencoderKLFlux2.bn``), or None for a ``scaling_factor`` VAE.
+
+    Where it exists, its running statistics are the latent normalisation: nothing is
+    measured at export on top of them.
+    """
+    bn = getattr(vae, "bn", None)
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
 
 
 def export_vae(vae: AutoencoderKL, out_dir: str | os.PathLike, card: dict[str, Any] | None = None) -> Path:
@@ -509,34 +704,37 @@ def write_vae_card(folder: str | os.PathLike, vae: AutoencoderKL, steps: int, da
         config: the run's resolved config as a plain dict.
     """
     c = vae.config
+    cls = type(vae).__name__
     f = 2 ** (len(c.block_out_channels) - 1)
     n_params = sum(p.numel() for p in vae.parameters()) / 1e6
     loss = config["loss"]
     figures = (f"{val['val/psnr']:.2f} dB PSNR, SSIM {val['val/ssim']:.3f} (8-bit, posterior mode, "
                f"{config['data']['resolution']} px crops of held-out images)") if val else "not measured"
-    body = f"""A {n_params:.1f}M-parameter `AutoencoderKL` (diffusers): {f}x spatial downsampling, {c.latent_channels}
+    aligned = (f"\nIts latents were aligned to `{loss['alignment_teacher']}` (VA-VAE's loss, weight "
+               f"{loss['alignment_weight']:g}).") if loss.get("alignment_weight") else ""
+    body = f"""A {n_params:.1f}M-parameter `{cls}` (diffusers): {f}x spatial downsampling, {c.latent_channels}
 latent channels (block widths {list(c.block_out_channels)}), trained with latent-autoencoders for {steps}
 optimizer steps on `{data}` with LDM's recipe: {loss['pixel_loss'].upper()} + {loss['perceptual_weight']:g} x LPIPS,
-KL x {loss['kl_weight']:g}, PatchGAN (hinge, adaptive weight x {loss['disc_weight']:g}) from step {loss['disc_start']}.
+KL x {loss['kl_weight']:g}, PatchGAN (hinge, adaptive weight x {loss['disc_weight']:g}) from step {loss['disc_start']}.{aligned}
 
 | | |
 |---|---|
 | validation | {figures} |
-| latent scale | `scaling_factor` {c.scaling_factor:.6g}{f", `shift_factor` {c.shift_factor:.6g}" if c.shift_factor else ""}: SD-style latents are `(z - shift_factor) * scaling_factor` |
+| latent scale | {latent_normalization(vae)} |
 | resolution | trained on {config['data']['resolution']} px crops |
 
 ## Use
 
 ```python
-from diffusers import AutoencoderKL
+from diffusers import {cls}
 
-vae = AutoencoderKL.from_pretrained("THIS_FOLDER_OR_REPO")
+vae = {cls}.from_pretrained("THIS_FOLDER_OR_REPO")
 z = vae.encode(images).latent_dist.sample()       # images: (B, 3, H, W) in [-1, 1]
 reconstructions = vae.decode(z).sample
 ```
 
 Measure it on your held-out images with `lat eval-vae --vae THIS_FOLDER --data FOLDER`.
 """
-    return write_model_card(folder, "AutoencoderKL", body, tags=["diffusers", "autoencoder", "vae", "latent-diffusion"],
+    return write_model_card(folder, cls, body, tags=["diffusers", "autoencoder", "vae", "latent-diffusion"],
                             metrics={"psnr": val["val/psnr"], "ssim": val["val/ssim"]} if val else None,
                             datasets=[data] if data and "/" not in data else None)

@@ -10,7 +10,9 @@ discriminator update (on the detached reconstruction), as in LDM's
 ``LPIPSWithDiscriminator`` recipe (Rombach et al. 2022). With ``loss.equivariance=eqvae``
 that forward decodes a transformed latent tau(z) instead on some steps, and (tau(x),
 decode(tau(z))) are the loss's inputs; on some others the image is downscaled first
-(EQ-VAE, Kouzelis et al. 2025; see ``autoencoderkl.equivariance``).
+(EQ-VAE, Kouzelis et al. 2025; see ``autoencoderkl.equivariance``). With
+``loss.alignment_weight`` > 0, a frozen vision model's patch features are compared with a
+projection of z (VA-VAE, Yao et al. 2025; see ``autoencoderkl.alignment``).
 
 Launch with ``accelerate launch -m lat train-vae --config ...`` (any number of
 processes) or ``torchrun --nproc_per_node N -m lat train-vae ...``.
@@ -27,7 +29,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -36,6 +37,7 @@ from torch import Tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from .alignment import alignment_state, build_projection, load_teacher, teacher_precision
 from .atomic import atomic_path
 from .config import VAEConfig
 from .data import ImageFolder, broadcast_paths, demo_image_paths, evenly_spaced, list_images
@@ -50,7 +52,10 @@ from .model import (
     estimate_latent_factors,
     export_vae,
     freeze_encoder,
+    latent_batch_norm,
+    latent_normalization,
     load_vae,
+    vae_type,
 )
 from .checkpoints import DATA_STATE, load_checkpoint, load_data_state
 from .faults import NonFiniteGuard, StopSignals, rollback
@@ -88,7 +93,7 @@ def split_paths(cfg: VAEConfig) -> tuple[list[Path], list[Path]]:
 
 @torch.no_grad()
 def validate(
-    accelerator: Accelerator, vae: AutoencoderKL, images: Tensor, batch_size: int
+    accelerator: Accelerator, vae: torch.nn.Module, images: Tensor, batch_size: int
 ) -> tuple[dict[str, float], Tensor]:
     """Reconstruct the fixed validation crops with the posterior mode; 8-bit PSNR/SSIM.
 
@@ -178,8 +183,17 @@ def main(
     )
 
     # ---- model, loss, optimizers -------------------------------------------------
+    # The alignment teacher first: a Hub id that cannot be had fails before any model is built.
+    teacher = None
+    if cfg.loss.alignment_weight > 0:
+        with accelerator.main_process_first():  # one process downloads, the rest read the cache
+            teacher = load_teacher(cfg.loss.alignment_teacher, cfg.loss.alignment_resolution, accelerator.device,
+                                   teacher_precision(cfg.train.mixed_precision))
     if cfg.model.pretrained:
         vae = load_vae(cfg.model.pretrained).train()
+        if vae_type(vae) != cfg.model.type:
+            raise ValueError(f"model.pretrained={cfg.model.pretrained} holds a {type(vae).__name__} "
+                             f"(model.type={vae_type(vae)}), but this run says model.type={cfg.model.type}")
     else:
         vae = build_vae(cfg.model, cfg.data.resolution)
     if cfg.train.decoder_only:
@@ -192,7 +206,7 @@ def main(
         discriminator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     with accelerator.main_process_first():  # one process downloads VGG16, the rest read the cache
         perceptual, perceptual_note = build_perceptual(cfg.loss.perceptual_pretrained)
-    notes = [f"perceptual: {perceptual_note}"]
+    notes = [f"perceptual: {perceptual_note}"] + ([f"alignment teacher: {teacher.description}"] if teacher else [])
     if perceptual is None and cfg.loss.perceptual_weight:
         cfg.loss.perceptual_weight = 0.0  # the saved config records what was really used
         notes.append("loss.perceptual_weight was set to 0.0 for this run because the VGG16 weights are unavailable")
@@ -210,7 +224,9 @@ def main(
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.allow_tf32
 
-    params_g = [p for p in vae.parameters() if p.requires_grad]
+    # VA-VAE's projection of z onto the teacher's width, trained with the autoencoder (not exported).
+    projection = build_projection(vae.config.latent_channels, teacher.hidden_size) if teacher else None
+    params_g = [p for p in vae.parameters() if p.requires_grad] + (list(projection.parameters()) if projection else [])
     if cfg.loss.learn_logvar:
         params_g.append(loss_fn.logvar)
     params_d = list(discriminator.parameters())
@@ -222,13 +238,13 @@ def main(
     schedule = dict(num_warmup_steps=cfg.optim.lr_warmup_steps, num_training_steps=cfg.train.max_steps)
     sched_g = get_scheduler(cfg.optim.lr_scheduler, opt_g, **schedule)
     sched_d = get_scheduler(cfg.optim.lr_scheduler, opt_d, **schedule)
-    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=AutoencoderKL, model_config=vae.config) if cfg.train.use_ema else None
+    ema = EMAModel(vae.parameters(), decay=cfg.train.ema_decay, model_cls=type(vae), model_config=vae.config) if cfg.train.use_ema else None
 
-    vae_forward = AutoencoderWithPosterior(vae)
+    vae_forward = AutoencoderWithPosterior(vae, projection)
     vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d = accelerator.prepare(
         vae_forward, discriminator, opt_g, opt_d, sched_g, sched_d
     )
-    vae_unwrapped: AutoencoderKL = accelerator.unwrap_model(vae_forward).vae
+    vae_unwrapped = accelerator.unwrap_model(vae_forward).vae
     disc_unwrapped = accelerator.unwrap_model(discriminator)
     last_layer = vae_unwrapped.decoder.conv_out.weight  # where the adaptive weight balances nll and GAN
     f = 2 ** (len(vae_unwrapped.config.block_out_channels) - 1)  # spatial factor: h = H // f
@@ -239,7 +255,8 @@ def main(
     guard = NonFiniteGuard.for_run(cfg.train)  # disabled under fp16 (the GradScaler skips)
     # What a checkpoint's weights depend on; a resume with anything else is refused.
     checkpoint_model_config = {**OmegaConf.to_container(OmegaConf.structured(cfg.model)),
-                               "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers}
+                               "disc_ndf": cfg.loss.disc_ndf, "disc_num_layers": cfg.loss.disc_num_layers,
+                               **alignment_state(cfg.loss.alignment_weight, cfg.loss.alignment_teacher)}
     global_step = 0
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path, ema, checkpoint_model_config, guard)
@@ -285,8 +302,8 @@ def main(
     # ---- loop ---------------------------------------------------------------------
     n_params = sum(p.numel() for p in vae_unwrapped.parameters())
     logger.info(
-        "training %.2fM-parameter AutoencoderKL for %d steps, %d images per step over %d process(es)",
-        n_params / 1e6, cfg.train.max_steps, samples_per_step * accelerator.num_processes, accelerator.num_processes,
+        "training %.2fM-parameter %s for %d steps, %d images per step over %d process(es)",
+        n_params / 1e6, type(vae_unwrapped).__name__, cfg.train.max_steps, samples_per_step * accelerator.num_processes, accelerator.num_processes,
     )
     progress = tqdm(total=cfg.train.max_steps, initial=global_step, disable=not accelerator.is_main_process,
                     desc="train_vae", unit="step", dynamic_ncols=True)
@@ -310,9 +327,15 @@ def main(
                 if eq is not None and eq.kind == "prior_lowres":
                     images = eq(images, f)  # (B, 3, f h', f w'): the encoder sees the downscaled image
                 tau = eq if eq is not None and eq.kind == "equivariance" else None
-                # (B, 3, H, W) decode(z), or decode(tau(z)) on an equivariance step; (B, 2c, h, w)
-                reconstructions, moments = vae_forward(images, latent_transform=tau)
+                # (B, 3, H, W) decode(z), or decode(tau(z)) on an equivariance step; (B, 2c, h, w);
+                # [projection(z) (B, D, h, w) of the untransformed z, with the alignment on]
+                reconstructions, moments, *extra = vae_forward(images, latent_transform=tau)
                 posterior = DiagonalGaussianDistribution(moments)  # mean, logvar halves (of x, untransformed)
+                alignment = None
+                if teacher is not None:  # frozen teacher features (B, D, h, w) of the encoder's input, on z's grid
+                    with accelerator.autocast():
+                        features = teacher(images, extra[-1].shape[-2:])
+                    alignment = (extra[-1], features, vae_unwrapped.encoder.conv_out.weight)
                 if tau is not None:
                     images = tau(images, f)  # tau(x): the input of every loss term below, as EQ-VAE
 
@@ -320,7 +343,7 @@ def main(
                 # reconstruction without collecting gradients of its own.
                 with accelerator.autocast():
                     loss_g, logs = loss_fn.generator_loss(images, reconstructions, posterior, global_step, last_layer,
-                                                          disc_unwrapped, shared_backward)
+                                                          disc_unwrapped, shared_backward, alignment)
                 if cfg.loss.equivariance != "off":
                     logs.update(eq_applied=float(tau is not None), eq_lowres=float(eq is not None and tau is None))
                 accelerator.backward(loss_g)
@@ -376,7 +399,8 @@ def main(
     if accelerator.is_main_process:
         final = final_weights(vae_unwrapped, ema)
         keep_latent_space = cfg.model.pretrained and cfg.train.decoder_only
-        if not keep_latent_space:
+        # kl_flux2's batch-norm statistics were tracked while training: nothing is measured on top.
+        if not keep_latent_space and latent_batch_norm(final) is None:
             # Measured, never a hard-coded 0.18215; the latent cache re-measures them over
             # the whole dataset.
             scaling_factor, shift_factor = estimate_latent_factors(final.eval(), val_images)
@@ -385,8 +409,7 @@ def main(
                 final.register_to_config(shift_factor=shift_factor)
         export_vae(final, vae_dir, card=dict(steps=global_step, data=cfg.data.train_dir or cfg.data.source, val=last_val,
                                              config=OmegaConf.to_container(OmegaConf.structured(cfg))))
-        logger.info("exported %s (scaling_factor %.4f, shift_factor %s)", vae_dir, final.config.scaling_factor,
-                    final.config.shift_factor)
+        logger.info("exported %s (%s)", vae_dir, latent_normalization(final))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "first_val": first_val, "last_val": last_val, "vae_dir": str(vae_dir),

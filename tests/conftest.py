@@ -113,3 +113,17 @@ def random_inception_weights(tmp_path, monkeypatch) -> Path:
     path = tmp_path / INCEPTION_FILE
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 (patch 4, width 16) saved with save_pretrained: the alignment's stand-in teacher."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("teacher")
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, patch_size=4,
+                          image_size=16)
+    Dinov2Model(config).save_pretrained(folder)
+    return folder

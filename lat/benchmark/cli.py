@@ -62,6 +62,13 @@ torch.cuda.max_memory_allocated on CUDA.
   (data.source=hf, shuffle_buffer 0; encode: --data hf:webdataset); the two run side by
   side (train_vae: cases "folder" and "shards" in alternating rounds; encode: alternating
   repeats) and the table gives shards / folder.
+--alignment (with --what train_vae): two cases, the optimized one with VA-VAE's alignment
+  loss off and on (loss.alignment_weight 0 vs the config's, else 0.1; teacher --teacher or
+  the config's, an uncached DINOv2 Hub id replaced by a random stand-in of its shape). The
+  table gives on / off; the "alignment on" case also times the teacher's forward alone on
+  one batch (after its run, in its process) and reports its share of the step's time and
+  FLOPs (the rest of the extra cost is the projection, the loss and the adaptive weight's
+  gradient through the decoder and LPIPS).
 --what startup: seconds (and microseconds per file) that building the stage-1 training
   data costs each rank before the first step: list_images on the folder, the header
   check of every file that ImageFolder(train=True) construction used to do, that
@@ -182,6 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     enc.add_argument("--shards", action="store_true",
                      help="train_vae, encode: also the same images as WebDataset shards (make_shards, untimed), "
                           "streamed through datasets side by side with the folder; reports shards / folder")
+    enc.add_argument("--alignment", action="store_true",
+                     help="train_vae: the cases 'alignment off' and 'alignment on' (VA-VAE's loss with the config's "
+                          "weight, else 0.1), otherwise the optimized case; reports on / off and the teacher's share")
+    enc.add_argument("--teacher", help="train_vae --alignment: the teacher (default: the config's "
+                                       "loss.alignment_teacher; an uncached DINOv2 Hub id becomes stand-in:ID, a random "
+                                       "model of its shape: the same FLOPs)")
     enc.add_argument("--num-images", type=int, help="encode, startup: only the first N images of --data (default: all; "
                                                      "startup's synthetic files: 100000)")
     enc.add_argument("--hflip", action="store_true", help="encode: also encode mirror views")

@@ -31,6 +31,7 @@ def child_train_vae(spec: dict[str, Any]) -> dict[str, Any]:
     cfg.loss.perceptual_pretrained = perceptual_pretrained
     flops = _vae_step_flops(cfg, summary["vae"], summary["discriminator"])
     images_per_step = cfg.data.batch_size * cfg.train.gradient_accumulation_steps
+    teacher = _teacher_seconds(cfg, device) if cfg.loss.alignment_weight > 0 else {}
     return {
         "rates": window_rates(Path(spec["out_dir"]) / "metrics.jsonl", "images_per_sec"),
         "items_per_window": images_per_step * cfg.train.log_steps,
@@ -43,7 +44,38 @@ def child_train_vae(spec: dict[str, Any]) -> dict[str, Any]:
         "run_wall_s": round(wall, 2),
         "run_cpu_s": round(cpu, 2),
         "perceptual": (Path(spec["out_dir"]) / "config.yaml").read_text().split("# perceptual: ", 1)[-1].split("\n", 1)[0],
+        **teacher,
     }
+
+
+def _teacher_seconds(cfg: Any, device: str, calls: int = 3) -> dict[str, Any]:
+    """The alignment teacher's forward alone, on one batch of the run's shape: seconds per call (median).
+
+    Timed in the case's process after its run (one warm-up call, then ``calls``), under the
+    run's autocast dtype, so its share of a step is ``teacher_s_per_step / (batch / img/s)``.
+    """
+    import statistics
+
+    import torch
+
+    from autoencoderkl.alignment import load_teacher, teacher_precision
+
+    teacher = load_teacher(cfg.loss.alignment_teacher, cfg.loss.alignment_resolution, device,
+                           teacher_precision(cfg.train.mixed_precision))
+    b, r = cfg.data.batch_size, cfg.data.resolution
+    f = 2 ** (len(cfg.model.block_out_channels) - 1)
+    x = (torch.rand(b, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
+    seconds = []
+    for i in range(calls + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        teacher(x, (r // f, r // f))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            seconds.append(time.perf_counter() - t0)
+    return {"teacher_s_per_step": round(statistics.median(seconds), 4), "teacher": teacher.description}
 
 
 def _vae_step_flops(cfg: Any, vae: Any, discriminator: Any) -> dict[str, Any]:
@@ -59,6 +91,7 @@ def _vae_step_flops(cfg: Any, vae: Any, discriminator: Any) -> dict[str, Any]:
     import torch
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+    from autoencoderkl.alignment import build_projection, load_teacher
     from autoencoderkl.losses import AutoencoderLoss, build_perceptual
     from autoencoderkl.model import AutoencoderWithPosterior
 
@@ -69,17 +102,26 @@ def _vae_step_flops(cfg: Any, vae: Any, discriminator: Any) -> dict[str, Any]:
     shared_backward = cfg.loss.shared_backward and cfg.train.mixed_precision != "fp16"  # as train.main
     b, r = cfg.data.batch_size, cfg.data.resolution
     x = (torch.rand(b, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device)
-    forward = AutoencoderWithPosterior(vae.train())
+    teacher = projection = None
+    if cfg.loss.alignment_weight > 0:  # a fresh projection: same FLOPs as the trained one
+        teacher = load_teacher(cfg.loss.alignment_teacher, cfg.loss.alignment_resolution, device)
+        projection = build_projection(vae.config.latent_channels, teacher.hidden_size).to(device)
+    forward = AutoencoderWithPosterior(vae.train(), projection)
     discriminator.train()
     state: dict[str, Any] = {}
 
     def autoencoder_forward() -> None:
-        state["rec"], moments = forward(x)
+        state["rec"], moments, *projected = forward(x)
         state["posterior"] = DiagonalGaussianDistribution(moments)
+        state["projected"] = projected[-1] if projected else None
+
+    def teacher_forward() -> None:
+        state["features"] = teacher(x, state["projected"].shape[-2:])
 
     def generator() -> None:
+        alignment = (state["projected"], state["features"], vae.encoder.conv_out.weight) if teacher else None
         loss, _ = loss_fn.generator_loss(x, state["rec"], state["posterior"], step, vae.decoder.conv_out.weight,
-                                         discriminator, shared_backward)
+                                         discriminator, shared_backward, alignment)
         loss.backward()
 
     def disc() -> None:
@@ -87,7 +129,9 @@ def _vae_step_flops(cfg: Any, vae: Any, discriminator: Any) -> dict[str, Any]:
         if loss.requires_grad:
             loss.backward()
 
-    parts = {"autoencoder_forward": count_flops(autoencoder_forward), "generator_loss_and_backward": count_flops(generator),
+    parts = {"autoencoder_forward": count_flops(autoencoder_forward),
+             **({"teacher_forward": count_flops(teacher_forward)} if teacher else {}),
+             "generator_loss_and_backward": count_flops(generator),
              "discriminator_loss_and_backward": count_flops(disc)}
     vae.zero_grad(set_to_none=True)
     discriminator.zero_grad(set_to_none=True)
@@ -150,19 +194,32 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     cases, info = plan_cases(load_config, VAEConfig, config, device, STAGE1_SWITCHES, STAGE1_OPTIMIZED,
                              common + (["data.source=folder"] if args.data != "demo" else []), args.set,
                              args.baseline, args.ablate)
+    if args.alignment:
+        cases, note = alignment_cases(args, cases["optimized"], load_config, config)
+        notes.append(note)
     if args.shards:
         cases, note = folder_and_shard_cases(args, cases["optimized"], scratch, load_config, config)
         notes.append(note)
     load_before = load_average()
     results = run_training_cases(cases, "train_vae", config, args.warmup, scratch, "img", args.rounds)
-    first = next(iter(cases))  # "optimized", or "folder" with --shards
+    first = next(iter(cases))  # "optimized", or "folder" with --shards, or "alignment off"
     opt = results[first]
     cfg = load_config(config, cases[first])
     title = (f"train_vae: {Path(config).name}, {cfg.data.resolution}x{cfg.data.resolution}, batch {cfg.data.batch_size}, "
              f"{opt['device']} ({opt['threads']} threads); median of {args.repeats} x {args.rounds} windows of {steps} "
              f"steps after "
              f"{args.warmup} warm-up window(s)")
-    speedups = print_table(title, results, "folder" if args.shards else "baseline" if args.baseline else None)
+    speedups = print_table(title, results, "folder" if args.shards else "alignment off" if args.alignment
+                           else "baseline" if args.baseline else None)
+    if args.alignment:
+        on = results["alignment on"]
+        step_s = cfg.data.batch_size / on["items_per_s"]
+        on["teacher_share_of_step"] = round(on["teacher_s_per_step"] / step_s, 4)
+        on["teacher_share_of_flops"] = round(on["flops"]["per_item_parts"]["teacher_forward"] / on["flops"]["per_item"], 4)
+        print(f"alignment on / off: {speedups['alignment on']:.3f}x the images/s; the teacher's forward alone: "
+              f"{on['teacher_s_per_step']:.3f} s per step of {cfg.data.batch_size} images = "
+              f"{100 * on['teacher_share_of_step']:.1f}% of the aligned step's time, "
+              f"{100 * on['teacher_share_of_flops']:.1f}% of its FLOPs ({on['teacher']})")
     return {
         "environment": {**environment(opt["device"], opt["dtype"], opt["threads"]), "load_average_before": load_before},
         "settings": {"config": config, "steps_per_window": steps, "warmup_windows": args.warmup,
@@ -172,6 +229,32 @@ def bench_train_vae(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         **info,
         "notes": notes,
         "cases": results,
-        ("speedup_over_folder" if args.shards else "speedup_over_baseline"): speedups,
+        ("speedup_over_folder" if args.shards else "speedup_over_alignment_off" if args.alignment
+         else "speedup_over_baseline"): speedups,
     }
+
+
+def alignment_cases(args: argparse.Namespace, optimized: list[str], load: Any, config: str) -> tuple[dict[str, list[str]], str]:
+    """--alignment: the optimized case with VA-VAE's alignment off and on, nothing else changed.
+
+    The teacher: ``--teacher``, else the config's ``loss.alignment_teacher``; a Hub id of a
+    known DINOv2 shape that is not in the HF cache becomes ``stand-in:`` of that shape (a
+    random model: the same FLOPs, no download). The weight: the config's, else VA-VAE's 0.1.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    from autoencoderkl.alignment import DINOV2_SHAPES, STAND_IN
+
+    cfg = load(config, optimized)
+    teacher = args.teacher or cfg.loss.alignment_teacher
+    if teacher in DINOV2_SHAPES and not Path(teacher).is_dir() and not isinstance(
+            try_to_load_from_cache(teacher, "config.json"), str):
+        teacher = STAND_IN + teacher
+    weight = cfg.loss.alignment_weight or 0.1
+    cases = {"alignment off": optimized + ["loss.alignment_weight=0"],
+             "alignment on": optimized + [f"loss.alignment_weight={weight}", f"loss.alignment_teacher={teacher}"]}
+    for overrides in cases.values():
+        load(config, overrides)
+    return cases, (f"--alignment: the optimized case with loss.alignment_weight 0 and {weight} (teacher {teacher}, "
+                   f"input {cfg.loss.alignment_resolution} px)")
 

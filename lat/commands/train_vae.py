@@ -34,7 +34,7 @@ def report(summary: dict) -> str:
     first, last, out = summary["first_val"], summary["last_val"], summary["export_dir"]
     psnr = (f"validation PSNR {first['val/psnr']:.2f} dB at step 0 -> {last['val/psnr']:.2f} dB at step "
             f"{summary['global_step']} (SSIM {last['val/ssim']:.3f})\n") if first and last else ""
-    return psnr + f"exported {out}: load it with diffusers.AutoencoderKL.from_pretrained({out!r})"
+    return psnr + f"exported {out}: load it with diffusers.{type(summary['vae']).__name__}.from_pretrained({out!r})"
 
 
 def main(argv=None):
