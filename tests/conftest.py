@@ -113,3 +113,25 @@ def random_inception_weights(tmp_path, monkeypatch) -> Path:
     path = tmp_path / INCEPTION_FILE
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture
+def scaled_inception_weights(random_inception_weights) -> Path:
+    """``random_inception_weights`` with every convolution redrawn at He (Kaiming) scale.
+
+    torch-fidelity's own random initialisation shrinks the 2048-d features to ~1e-8 (an
+    FID of ~1e-13, a KID of 0 for any two sets); at He scale they stay ~0.1 and differ
+    between images, so FID, KID, precision and recall can tell sets apart.
+    """
+    import math
+
+    import torch
+
+    state = torch.load(random_inception_weights, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key, w in state.items():
+        if key.endswith("conv.weight"):  # (out, in, kh, kw); BatchNorm and the logits layer stay
+            state[key] = torch.randn(w.shape, generator=g) * math.sqrt(2 / w[0].numel())
+    path = random_inception_weights.with_name("scaled-" + random_inception_weights.name)
+    torch.save(state, path)
+    return path

@@ -144,6 +144,44 @@ def test_inception_and_dinov2_metrics_come_from_local_weights(setup, tmp_path, r
     assert "facebookresearch_dinov2_main" in report["notes"]["dinov2"]
 
 
+def test_inception_metrics_see_identical_shifted_and_swapped_sets(tmp_path, scaled_inception_weights, setup,
+                                                                   monkeypatch):
+    """Identical sets: FID ~ 0, KID ~ 0, precision = recall = 1; a set 40 levels brighter scores worse;
+    swapping samples and reference swaps precision and recall (Kynkaanniemi et al. 2019)."""
+    import latent_diffusion.evaluate as ev
+
+    photos = write_photos(tmp_path / "a", n=6, size=(RES, RES), seed=3)  # the sample size: no resampling
+    (tmp_path / "b").mkdir()
+    for p in photos:
+        brighter = np.asarray(Image.open(p)).astype(int) + 40
+        Image.fromarray(brighter.clip(0, 255).astype(np.uint8)).save(tmp_path / "b" / p.name)
+    seen, extract = {}, ev.extract_features
+
+    def once(net, images, *args):  # each set's features are computed once (InceptionV3 on CPU is slow)
+        key = (type(net).__name__, images.numpy().tobytes())
+        if key not in seen:
+            seen[key] = extract(net, images, *args)
+        return seen[key]
+
+    monkeypatch.setattr(ev, "extract_features", once)
+
+    def metrics(samples, reference):
+        return evaluate_ldm(setup / "pipe", tmp_path / reference, out=tmp_path / f"{samples}-{reference}.json",
+                            samples=tmp_path / samples, dinov2="off", inception_weights=scaled_inception_weights,
+                            batch_size=8, progress=False)
+
+    same, shifted, swapped = metrics("a", "a"), metrics("b", "a"), metrics("a", "b")
+    assert len(seen) == 2  # the features of a and of b
+    assert shifted["fid"] > 1 and abs(same["fid"]) < 1e-9 * shifted["fid"]
+    # KID's unbiased estimator pairs each image with itself across the sets too, so identical
+    # sets score slightly below 0 (about -1/m of the kernel's spread), not exactly 0.
+    assert shifted["kid"]["mean"] > 0 and abs(same["kid"]["mean"]) < 0.2 * shifted["kid"]["mean"]
+    assert same["precision"] == same["recall"] == 1.0
+    assert shifted["precision"] < 1.0  # some brighter images lie outside the originals' k-NN balls
+    assert (swapped["precision"], swapped["recall"]) == (shifted["recall"], shifted["precision"])
+    assert swapped["fid"] == pytest.approx(shifted["fid"], rel=1e-9)  # FID is symmetric
+
+
 def test_eval_ldm_command_generates_samples_against_a_latent_cache(setup, tmp_path, monkeypatch):
     tiny_vae().save_pretrained(tmp_path / "vae")
     encode_latents(tmp_path / "vae", setup / "train", tmp_path / "latents", resolution=RES, batch_size=4, num_workers=0)
