@@ -173,9 +173,18 @@ def test_inception_metrics_see_identical_shifted_and_swapped_sets(tmp_path, scal
     same, shifted, swapped = metrics("a", "a"), metrics("b", "a"), metrics("a", "b")
     assert len(seen) == 2  # the features of a and of b
     assert shifted["fid"] > 1 and abs(same["fid"]) < 1e-9 * shifted["fid"]
-    # KID's unbiased estimator pairs each image with itself across the sets too, so identical
-    # sets score slightly below 0 (about -1/m of the kernel's spread), not exactly 0.
-    assert shifted["kid"]["mean"] > 0 and abs(same["kid"]["mean"]) < 0.2 * shifted["kid"]["mean"]
+    # KID (Binkowski et al. 2018): the unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3; with subsets
+    # of all m = 6 images every subset is the whole set. Its cross term keeps the pairs i = j, so
+    # identical sets score slightly below 0 (-2 (trace - off-diagonal mean) / m^2), not 0.
+    fa, fb = (f.double() for f in seen.values())
+
+    def kid(x, y):
+        kxx, kyy, kxy = ((u @ v.T / u.shape[1] + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
+        m = len(x)
+        return ((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.sum() / m**2).item()
+
+    assert same["kid"]["mean"] == pytest.approx(kid(fa, fa), rel=1e-4) and -0.01 < same["kid"]["mean"] < 0
+    assert shifted["kid"]["mean"] == pytest.approx(kid(fb, fa), rel=1e-4) and shifted["kid"]["mean"] > 0.005
     assert same["precision"] == same["recall"] == 1.0
     assert shifted["precision"] < 1.0  # some brighter images lie outside the originals' k-NN balls
     assert (swapped["precision"], swapped["recall"]) == (shifted["recall"], shifted["precision"])
