@@ -127,3 +127,25 @@ def teacher_dir(tmp_path_factory) -> Path:
                           image_size=16)
     Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def scaled_inception_weights(random_inception_weights) -> Path:
+    """``random_inception_weights`` with every convolution redrawn at He (Kaiming) scale.
+
+    torch-fidelity's own random initialisation shrinks the 2048-d features to ~1e-8 (an
+    FID of ~1e-13, a KID of 0 for any two sets); at He scale they stay ~0.1 and differ
+    between images, so FID, KID, precision and recall can tell sets apart.
+    """
+    import math
+
+    import torch
+
+    state = torch.load(random_inception_weights, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for key, w in state.items():
+        if key.endswith("conv.weight"):  # (out, in, kh, kw); BatchNorm and the logits layer stay
+            state[key] = torch.randn(w.shape, generator=g) * math.sqrt(2 / w[0].numel())
+    path = random_inception_weights.with_name("scaled-" + random_inception_weights.name)
+    torch.save(state, path)
+    return path

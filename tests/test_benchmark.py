@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -84,19 +86,30 @@ def test_unknown_set_key_fails_with_the_configs_error(capsys):
     assert "unknown config key 'train.max_stepz'" in message and "did you mean train.max_steps" in message
 
 
-def test_train_vae_runs_the_real_loop_per_case_and_writes_the_json(tmp_path):
-    out = tmp_path / "bench.json"
+def test_train_vae_runs_the_real_loop_per_case_and_writes_the_json(tmp_path, monkeypatch):
+    out, scratch = tmp_path / "bench.json", tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(cli.tempfile, "TemporaryDirectory", lambda prefix: contextlib.nullcontext(str(scratch)))  # kept
     cli.main(["--what", "train_vae", "--baseline", "--steps", "1", "--warmup", "1", "--repeats", "1", "--rounds", "2",
                    "--resolution", "16", "--batch-size", "2", "--out", str(out), "--set", *TINY_TRAIN_VAE])
     report = json.loads(out.read_text())
     assert report["what"] == "train_vae" and set(report["cases"]) == {"optimized", "baseline"}
     assert {"device", "dtype", "torch_threads", "versions", "load_average_1_5_15min"} <= set(report["environment"])
-    for case in report["cases"].values():
+    for name, case in report["cases"].items():
         # two alternating rounds of one process per case, each dropping its warm-up window
         assert len(case["seconds"]) == 2 and len(case["warmup_items_per_s"]) == 2 and len(case["rounds_detail"]) == 2
-        assert case["items_per_s_min"] <= case["items_per_s"] <= case["items_per_s_max"]
-        assert case["items_per_s"] > 0 and case["peak_memory_mib"] > 0 and case["tflops_per_s"] > 0
-        assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2)
+        # Recomputed from what each case's loop logged: 1-step windows of 2 images, the first of each round dropped.
+        rates = [[json.loads(line)["images_per_sec"] for line in (scratch / f"{name}-{r}" / "metrics.jsonl").read_text()
+                  .splitlines() if "images_per_sec" in line] for r in range(2)]
+        assert [len(r) for r in rates] == [2, 2]
+        seconds = sorted(2 / r[1] for r in rates)
+        assert case["items_per_s"] == pytest.approx(2 / ((seconds[0] + seconds[1]) / 2), rel=1e-9)
+        assert (case["items_per_s_min"], case["items_per_s_max"]) == (pytest.approx(2 / seconds[1], rel=1e-9),
+                                                                      pytest.approx(2 / seconds[0], rel=1e-9))
+        assert case["warmup_items_per_s"] == [round(r[0], 3) for r in rates]
+        assert case["peak_memory_mib"] > 0
+        assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2)  # batch 2, no accumulation
+        assert case["tflops_per_s"] == pytest.approx(case["flops_per_item"] * case["items_per_s"] / 1e12)
         assert case["threads"] == 1 and "loss.disc_start=0" in case["overrides"]
     opt, base = report["cases"]["optimized"], report["cases"]["baseline"]
     assert "loss.shared_backward=false" in base["overrides"] and "loss.shared_backward=true" in opt["overrides"]
@@ -115,30 +128,65 @@ def test_sample_counts_flops_linearly_in_the_steps(tmp_path):
     report = json.loads(out.read_text())
     flops = report["flops"]
     assert flops["per_image"] == (flops["decode_batch"] + 3 * flops["unet_call_on_batch"]) // 2
-    assert flops["unet_call_on_batch"] > 0 and flops["decode_batch"] > 0
+    # Counted again on the models alone: one U-Net call on the batch of 2, one decode of it.
+    from autoencoderkl.model import load_vae
+    from latent_diffusion.config import load_config as load_ldm_config
+    from latent_diffusion.model import build_unet
+
+    vae = load_vae(harness.demo_shaped_vae(64, tmp_path / "vae")).eval()  # the case's VAE: 64 px by default
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (vae.config.latent_channels, 64 // f, 64 // f)
+    unet = build_unet(load_ldm_config(harness.STAGE2_DEMO, tiny_unet).model, shape, 9).eval()  # 9 demo classes
+    z = torch.randn(2, *shape)
+    with torch.no_grad():
+        assert flops["unet_call_on_batch"] == harness.count_flops(lambda: unet(z, torch.tensor([999, 999]),
+                                                                               class_labels=torch.tensor([0, 1])))
+        assert flops["decode_batch"] == harness.count_flops(lambda: vae.decode(z))
+    for case in report["cases"].values():
+        # (the seconds are rounded to 0.1 ms)
+        assert 2 / case["items_per_s"] == pytest.approx(statistics.median(case["seconds"]), abs=1e-4)
+        assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2 * 3)  # U-Net calls on the batch
     assert report["cases"]["optimized"]["settings"] == {"dtype": "fp32", "channels_last": True, "compile": False}
     assert report["cases"]["baseline"]["settings"] == {"dtype": "fp32", "channels_last": False, "compile": False}
     assert report["cases"]["optimized"]["items"] == 2
 
 
-def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path):
-    from diffusers import AutoencoderKL
+def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path, monkeypatch):
+    """Both modes step one U-Net on the same latents: the encoded path's equal cached ones.
 
+    16 px photos (the crop is the whole image, flipped or not), a cache of both flips, the
+    posterior means on both paths (``sample_posterior=false``; the encoder's draw is its mean
+    here), so every latent the encode-every-step case feeds the U-Net is one of the cache's.
+    """
+    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    import latent_diffusion.train as ldm_train
     from latent_diffusion.config import load_config as load_ldm_config
     from latent_diffusion.encode import encode_latents
+    from latent_diffusion.latents import LatentDataset
 
     for c in range(2):
-        write_photos(tmp_path / "photos" / f"class{c}", n=2, seed=c)
+        write_photos(tmp_path / "photos" / f"class{c}", n=2, size=(16, 16), seed=c)
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
                   latent_channels=4, sample_size=16).save_pretrained(tmp_path / "vae")
     encode_latents(tmp_path / "vae", tmp_path / "photos", tmp_path / "latents", resolution=16, batch_size=4,
-                   num_workers=0)
+                   num_workers=0, hflip=True)
     reset_accelerate_state()
     cfg = load_ldm_config(REPO / "configs" / "latent_diffusion" / "demo.yaml",
                           ["model.block_out_channels=[16,32]", "model.attention_head_dim=8", "model.norm_num_groups=8",
-                           "model.layers_per_block=1", "data.batch_size=2"])
+                           "model.layers_per_block=1", "data.batch_size=2", "data.sample_posterior=false"])
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    calls, real_loss = [], ldm_train.diffusion_loss
+
+    def recording(unet, scheduler, latents, *args, **kwargs):
+        loss = real_loss(unet, scheduler, latents, *args, **kwargs)
+        calls.append((unet, latents.detach().clone(), loss.item()))
+        return loss
+
+    monkeypatch.setattr(ldm_train, "diffusion_loss", recording)
     r = train_ldm.cached_vs_encoded(cfg, str(tmp_path / "latents"), str(tmp_path / "vae"), "cpu", steps=2, repeats=1,
                                    warmup=0, threads=1)
     assert set(r["results"]) == {"cached", "encode_every_step"}
@@ -148,7 +196,16 @@ def test_cached_vs_encoded_trains_the_same_unet_both_ways(tmp_path):
         assert case["steps_per_s"] == pytest.approx(case["items_per_s"] / 2)
     enc = r["results"]["encode_every_step"]
     assert enc["flops_per_item"] == r["flops"]["unet_step_per_latent"] + r["flops"]["encode_per_latent"]
-    assert r["cached_over_encoded"] > 0
+
+    # The FLOP count's step first, then (repeats 1, no warm-up) 2 cached steps and 2 encoded ones.
+    cached, encoded = calls[-4:-2], calls[-2:]
+    assert len({id(unet) for unet, _, _ in calls}) == 1  # one U-Net, trained by both
+    means = LatentDataset(tmp_path / "latents", sample_posterior=False)
+    table = torch.stack([means[i]["latents"] for i in range(len(means))])  # (8, 4, 8, 8): 4 photos x 2 flips
+    for _, latents, loss in cached + encoded:
+        assert latents.shape == (2, 4, 8, 8) and torch.isfinite(torch.tensor(loss))
+        for z in latents:  # each is one of the cache's latents, scaled and shifted as the cache's
+            assert (z - table).flatten(1).abs().amax(1).min() < 1e-4
 
 
 def test_tiled_encode_decode_case_does_the_overlapping_tiles_work(tmp_path):
@@ -190,7 +247,7 @@ def test_startup_times_listing_the_old_header_check_and_the_lazy_construction(tm
                                       "serialize_list"}
     for r in report["results"].values():
         assert r["items"] == 30 and len(r["seconds"]) == 2
-        assert r["us_per_file"] == pytest.approx(1e6 / r["items_per_s"]) and r["us_per_file"] > 0
+        assert r["us_per_file"] == pytest.approx(1e6 * statistics.median(r["seconds"]) / 30, abs=1e6 * 1e-4 / 30)
     assert report["construction_before_over_now"] > 0
     # An existing folder instead of synthetic files: its images, the first --num-images of them.
     write_photos(tmp_path / "photos", n=4)

@@ -88,12 +88,26 @@ def test_16bit_png_is_scaled_by_bit_depth_not_clipped(tmp_path):
     assert torch.allclose(x[:, 0, 2], torch.full((3,), 128 / 127.5 - 1), atol=1e-6)  # grey, not white
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.new("RGB", (6, 2), (0, 0, 0))
+@pytest.mark.parametrize("orientation, display", [
+    (2, lambda a: a[:, ::-1]),  # mirrored left-right
+    (3, lambda a: np.rot90(a, 2)),  # upside down
+    (6, lambda a: np.rot90(a, -1)),  # turned 90 degrees clockwise to display
+    (8, lambda a: np.rot90(a, 1)),  # turned 90 degrees counter-clockwise to display
+    (5, lambda a: a.transpose(1, 0, 2)),  # mirrored about the main diagonal
+])
+def test_exif_orientation_is_applied(tmp_path, orientation, display):
+    """An asymmetric image (every pixel its own colour) comes out as the EXIF tag says it is shown."""
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 14  # (H=2, W=3, RGB), all distinct
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    img.save(tmp_path / "rot.jpg", exif=exif)
-    assert load_rgb(tmp_path / "rot.jpg").size == (2, 6)
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "tagged.png", exif=exif)  # PNG: lossless, so pixels compare exactly
+    assert np.array_equal(np.asarray(load_rgb(tmp_path / "tagged.png")), display(pixels))
+    # A JPEG as cameras write it: blocks of 8 x 8 px per colour survive the compression (to +-3 levels).
+    blocks = pixels.repeat(8, 0).repeat(8, 1)
+    Image.fromarray(blocks).save(tmp_path / "tagged.jpg", exif=exif, quality=95)
+    got = np.asarray(load_rgb(tmp_path / "tagged.jpg")).astype(int)
+    want = display(blocks).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).mean() < 3
 
 
 def test_load_rgb_error_names_the_file(tmp_path):
@@ -323,10 +337,17 @@ def test_eval_grid_corners_tile_the_resized_image(tmp_path):
 
 
 def test_image_smaller_than_crop_is_upscaled_to_crop_size(tmp_path):
+    """6 x 4 px -> shorter side 32 (PIL bicubic: 48 x 32), then the crop: its content, not only its range."""
     _noise_image(tmp_path / "tiny.png", size=(6, 4))
-    for train in (True, False):
-        x = ImageFolder([tmp_path / "tiny.png"], resolution=32, train=train)[0]
-        assert x.shape == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    up = Image.open(tmp_path / "tiny.png").convert("RGB").resize((48, 32), Image.BICUBIC)
+    up = torch.from_numpy(np.asarray(up).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, 32, 48)
+    centre = ImageFolder([tmp_path / "tiny.png"], resolution=32, train=False)[0]
+    assert torch.equal(centre, up[:, :, 8:40])
+    train = ImageFolder([tmp_path / "tiny.png"], resolution=32, train=True, seed=0)
+    for draw in range(4):  # a 32 x 32 window of the upscaled image, mirrored or not
+        x = train[(0, draw)]
+        windows = [up[:, :, left : left + 32] for left in range(17)]
+        assert any(torch.equal(x, w) or torch.equal(x, w.flip(-1)) for w in windows), draw
 
 
 def test_dataloader_workers_do_not_change_samples(folder):

@@ -288,12 +288,33 @@ def test_unavailable_metrics_say_why_without_touching_the_network(tmp_path, monk
     assert evaluate.build_fid("off")[0] is None and evaluate.build_lpips("off")[0] is None
 
 
-def test_rfid_is_computed_from_a_local_inception_file(tmp_path, vae_dir, random_inception_weights, no_lpips_weights):
-    write_photos(tmp_path / "photos", n=4, size=(20, 28))
-    report = evaluate_vae(vae_dir, tmp_path / "photos", out=tmp_path / "report.json", resolution=RES, num_workers=0,
-                          inception_weights=random_inception_weights, progress=False)
-    assert isinstance(report["rfid"], float) and report["rfid"] >= 0
-    assert "biased" in report["notes"]["rfid"]
+def pixel_identity_vae(shift: float) -> AutoencoderKL:
+    """f = 1 and z = x: its reconstruction is the input plus ``shift`` (in [-1, 1] units)."""
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
+    from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        block_out_channels=(8,), layers_per_block=1, latent_channels=3, norm_num_groups=4,
+                        sample_size=RES).eval()
+    moments = lambda x: torch.cat([x, torch.full_like(x, -20.0)], 1)  # noqa: E731  (mean x, log-variance -20)
+    vae.encode = lambda x: AutoencoderKLOutput(DiagonalGaussianDistribution(moments(x)))
+    vae.decode = lambda z: DecoderOutput(sample=z + shift)
+    return vae
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")  # the std of PSNR = inf
+def test_rfid_is_computed_from_a_local_inception_file(tmp_path, scaled_inception_weights, no_lpips_weights):
+    """rFID (random Inception weights at He scale): ~0 for a perfect reconstruction, larger for a brighter one."""
+    write_photos(tmp_path / "photos", n=2, size=(20, 28))  # torchmetrics runs InceptionV3 in float64: slow
+
+    def rfid(shift):
+        report = evaluate_vae(pixel_identity_vae(shift), tmp_path / "photos", out=tmp_path / f"report{shift}.json",
+                              resolution=RES, num_workers=0, inception_weights=scaled_inception_weights, progress=False)
+        assert "biased" in report["notes"]["rfid"]
+        return report["rfid"]
+
+    perfect, brighter = rfid(0.0), rfid(0.3)  # +38 of 255 levels
+    assert brighter > 0.1 and abs(perfect) < 1e-4 * brighter  # (float32 eigenvalues: ~1e-5, not 0)
     # A weights file holding pickled objects is refused before torch-fidelity unpickles it.
     torch.save({"net": argparse.Namespace()}, tmp_path / "evil.pth")
     fid, note = evaluate.build_fid("auto", tmp_path / "evil.pth")

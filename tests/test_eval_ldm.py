@@ -145,6 +145,59 @@ def test_inception_and_dinov2_metrics_come_from_local_weights(setup, tmp_path, r
     assert "facebookresearch_dinov2_main" in report["notes"]["dinov2"]
 
 
+def test_inception_metrics_see_identical_shifted_and_swapped_sets(tmp_path, scaled_inception_weights, setup,
+                                                                   monkeypatch):
+    """Identical sets: FID ~ 0, KID ~ 0, precision = recall = 1; a set 40 levels brighter scores worse;
+    swapping samples and reference swaps precision and recall (Kynkaanniemi et al. 2019)."""
+    import latent_diffusion.evaluate as ev
+
+    photos = write_photos(tmp_path / "a", n=6, size=(RES, RES), seed=3)  # the sample size: no resampling
+    (tmp_path / "b").mkdir()
+    for p in photos:
+        brighter = np.asarray(Image.open(p)).astype(int) + 40
+        Image.fromarray(brighter.clip(0, 255).astype(np.uint8)).save(tmp_path / "b" / p.name)
+    seen, extract = {}, ev.extract_features
+
+    def once(net, images, *args):  # each set's features are computed once (InceptionV3 on CPU is slow)
+        key = (type(net).__name__, images.numpy().tobytes())
+        if key not in seen:
+            seen[key] = extract(net, images, *args)
+        return seen[key]
+
+    monkeypatch.setattr(ev, "extract_features", once)
+
+    def metrics(samples, reference):
+        return evaluate_ldm(setup / "pipe", tmp_path / reference, out=tmp_path / f"{samples}-{reference}.json",
+                            samples=tmp_path / samples, dinov2="off", inception_weights=scaled_inception_weights,
+                            batch_size=8, progress=False)
+
+    same, shifted, swapped = metrics("a", "a"), metrics("b", "a"), metrics("a", "b")
+    assert len(seen) == 2  # the features of a and of b
+    assert shifted["fid"] > 1 and abs(same["fid"]) < 1e-9 * shifted["fid"]
+    # KID (Binkowski et al. 2018): the unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over
+    # random subsets (the report's count, size and seed; drawn as the reference code draws them).
+    # Its cross term keeps the pairs i = j, so identical sets score slightly below 0, not 0.
+    fa, fb = (f.double().numpy() for f in seen.values())
+
+    def kid(x, y, settings):
+        rng, mmds = np.random.RandomState(settings["seed"]), []
+        for _ in range(settings["subsets"]):
+            u = x[rng.choice(len(x), settings["subset_size"], replace=False)]
+            v = y[rng.choice(len(y), settings["subset_size"], replace=False)]
+            kxx, kyy, kxy = ((p @ q.T / p.shape[1] + 1) ** 3 for p, q in ((u, u), (v, v), (u, v)))
+            m = len(u)
+            mmds.append((kxx.sum() - kxx.trace() + kyy.sum() - kyy.trace()) / (m * (m - 1)) - 2 * kxy.sum() / m**2)
+        return np.mean(mmds)
+
+    assert same["kid"]["mean"] == pytest.approx(kid(fa, fa, same["kid"]), rel=1e-4, abs=1e-7)
+    assert shifted["kid"]["mean"] == pytest.approx(kid(fb, fa, shifted["kid"]), rel=1e-4)
+    assert abs(same["kid"]["mean"]) < 0.2 * shifted["kid"]["mean"]  # ~0 next to a set 40 levels brighter
+    assert same["precision"] == same["recall"] == 1.0
+    assert shifted["precision"] < 1.0  # some brighter images lie outside the originals' k-NN balls
+    assert (swapped["precision"], swapped["recall"]) == (shifted["recall"], shifted["precision"])
+    assert swapped["fid"] == pytest.approx(shifted["fid"], rel=1e-9)  # FID is symmetric
+
+
 def test_eval_ldm_command_generates_samples_against_a_latent_cache(setup, tmp_path, monkeypatch):
     tiny_vae().save_pretrained(tmp_path / "vae")
     encode_latents(tmp_path / "vae", setup / "train", tmp_path / "latents", resolution=RES, batch_size=4, num_workers=0)

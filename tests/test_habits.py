@@ -65,7 +65,8 @@ def test_a_missing_data_folder_fails_before_any_model_and_leaves_no_output_dir(t
 
 def test_a_stage2_run_without_its_cache_leaves_no_output_dir(cache, tmp_path):  # noqa: F811
     cfg = load_ldm_config(None, overrides(cache, **{"data.latents": str(tmp_path / "missing")}))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=r"^no latent cache at /\S+/missing: /\S+/missing/index\.json does not "
+                                                r"exist; create one with `lat encode-latents`$"):
         ldm_train.main(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

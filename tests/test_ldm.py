@@ -256,11 +256,22 @@ def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path, predict
     assert (straight / "samples" / "step-0000004.png").read_bytes() == (resumed / "samples" / "step-0000004.png").read_bytes()
 
 
-def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_path):
+def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_path, monkeypatch):
+    import latent_diffusion.train as ldm_train
+
+    dtypes, build = [], ldm_train.build_unet  # what the U-Net's last layer computes in, per training forward
+
+    def recorded(*args, **kwargs):
+        unet = build(*args, **kwargs)  # (accelerate hands the U-Net's own output back in fp32)
+        unet.conv_out.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype) if m.training else None)
+        return unet
+
+    monkeypatch.setattr(ldm_train, "build_unet", recorded)
     out = tmp_path / "bf16"
     summary = run(cache, out, **{"train.mixed_precision": "bf16", "train.gradient_accumulation_steps": 2,
                                  "train.max_steps": 2})
     assert summary["global_step"] == 2  # optimizer steps, not micro-batches
+    assert dtypes == [torch.bfloat16] * 4  # 2 steps x 2 micro-batches, each under bf16 autocast
     assert all(p.dtype == torch.float32 for p in summary["unet"].parameters())
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r]
     assert len(losses) == 2 and np.isfinite(losses).all()
@@ -378,6 +389,16 @@ def test_each_scheduler_gives_finite_images_of_the_right_shape(tmp_path, predict
         images = pipe(batch_size=2, num_inference_steps=4, class_labels=[0, 1], guidance_scale=2.0,
                       generator=torch.Generator().manual_seed(0), output_type="np").images
         assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+
+        def latents(steps, guidance_scale=2.0):
+            return pipe(batch_size=2, num_inference_steps=steps, class_labels=[0, 1], guidance_scale=guidance_scale,
+                        generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+        x4, x8, x16 = latents(4), latents(8), latents(16)
+        assert not torch.allclose(latents(4, guidance_scale=1.0), x4, atol=1e-3), f"{name}: guidance changed nothing"
+        if name != "ddpm":  # ancestral sampling draws fresh noise at every step: no single path to converge to
+            coarse, fine = (x8 - x4).abs().mean().item(), (x16 - x8).abs().mean().item()
+            assert 0 < fine < 0.9 * coarse, f"{name}: 4 -> 8 steps moved the sample {coarse}, 8 -> 16 steps {fine}"
     if prediction_type == "epsilon":
         dpm = pipe.scheduler = build_sampler("dpm", pipe.scheduler.config)
         assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.solver_order == 2
