@@ -1,0 +1,122 @@
+"""The first hour of a new user: paths, messages, output folders, progress and help text (issue 22).
+
+Each test guards a stumble found by running every command as a newcomer would; none
+touches the network (the Hub calls are replaced, and offline is what a failed DNS lookup
+looks like).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoencoderkl.hub import is_hub_id
+from conftest import tiny_overrides, write_photos
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lat(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``python -m lat ARGS`` in a fresh process (as a user types it), with this checkout's packages."""
+    return subprocess.run([sys.executable, "-m", "lat", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+# --- 1. A local path with a typo never goes to the Hub; offline is found at once ----------
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """``AutoencoderKL.from_pretrained`` that records its calls: the HF cache is empty, the network is never used."""
+    from diffusers import AutoencoderKL
+
+    calls = []
+
+    def from_pretrained(name, subfolder=None, local_files_only=False, **kwargs):
+        calls.append((str(name), subfolder, local_files_only))
+        raise OSError(f"{name} is not in the cache" if local_files_only else "network used in a test")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    return calls
+
+
+def test_a_missing_folder_under_an_existing_one_is_a_local_path_not_a_hub_id(tmp_path, monkeypatch, no_hub):
+    from autoencoderkl.model import load_vae
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "vae-demo").mkdir(parents=True)
+    assert not is_hub_id("runs/nosuch") and not is_hub_id("runs/vae-demo")
+    assert is_hub_id("stabilityai/sd-vae-ft-mse") and is_hub_id("owner/name/vae")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"no AutoencoderKL at runs/nosuch \(does not exist\)"):
+        load_vae("runs/nosuch")
+    assert time.perf_counter() - start < 2 and no_hub == []
+
+
+def test_a_hub_id_when_the_hub_does_not_resolve_says_offline_at_once_without_a_download(monkeypatch, no_hub):
+    from autoencoderkl.model import load_vae
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # what this machine's missing network looks like
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError) as err:
+        load_vae("stabilityai/sd-vae-ft-mse")
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert "this machine is offline (huggingface.co does not resolve (Name or service not known))" in message
+    assert "hf download stabilityai/sd-vae-ft-mse --local-dir DIR" in message
+    assert all(local for _, _, local in no_hub), "the Hub was asked although it cannot be reached"
+    assert [sub for _, sub, _ in no_hub] == [None, "vae"]  # the HF cache was looked at first
+
+
+# --- 2. An unreadable validation image is skipped and counted; none left is one clear line --
+
+def bad_images(folder: Path) -> tuple[Path, Path]:
+    """bad.png (a text file) and truncated.png (its header passes, its pixels do not decode)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bad.png").write_text("not a png")
+    [photo] = write_photos(folder / "tmp", n=1, size=(32, 32))
+    data = photo.read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    photo.unlink(), photo.parent.rmdir()
+    return folder / "bad.png", folder / "truncated.png"
+
+
+def test_a_validation_image_that_fails_to_decode_is_skipped_and_counted_not_replaced(tmp_path):
+    from autoencoderkl.data import ImageFolder, UnreadableImageWarning
+
+    bad, truncated = bad_images(tmp_path / "val")
+    good = write_photos(tmp_path / "good", n=2, size=(32, 32))
+    with pytest.warns(UnreadableImageWarning) as record:
+        val = ImageFolder([good[0], bad, truncated, good[1]], resolution=16, train=False, grid=2)
+        crops = val.all_crops()
+    assert crops.shape == (2 * 4, 3, 16, 16)  # two readable images x 4 crops; no neighbour counted twice
+    assert torch.equal(crops[4:], ImageFolder([good[1]], resolution=16, train=False, grid=2).all_crops())
+    assert val.paths == good and val.num_skipped() == 2
+    assert {p.name for p in val.skipped_paths()} == {"bad.png", "truncated.png"}
+    assert any("truncated.png: OSError" in str(w.message) for w in record)
+
+
+def test_training_with_no_readable_validation_image_prints_one_line_naming_the_files(photo_dir, tmp_path):
+    bad_images(tmp_path / "val")
+    proc = lat("train-vae", "--config", "demo", "--output-dir", str(tmp_path / "run"),
+               *tiny_overrides(photo_dir, **{"data.val_dir": str(tmp_path / "val")}))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith("error: none of the 2 validation images in ") and "bad.png: " in error
+    assert "truncated.png: OSError: " in error and "image file is truncated" in error
+    assert not (tmp_path / "run").exists()
