@@ -20,8 +20,6 @@ import io
 import json
 import os
 import re
-import shlex
-import sys
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
@@ -523,18 +521,23 @@ def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:
                          f'pip install -e ".[wandb]" (or pip install wandb), or set train.report_to=tensorboard')
 
 
-def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> None:
+def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = (), command: str | None = None,
+                resume: str | None = None) -> None:
     """Write the resolved config as YAML, atomically, headed by the launch command.
 
     Args:
         cfg: a config dataclass instance.
         path: destination file; written atomically (``autoencoderkl.atomic``).
         notes: extra lines for the header (e.g. what ``perceptual_pretrained=auto`` chose).
+        command: the command line that launched the run, as it runs when pasted
+            (``autoencoderkl.launch.launch_command``).
+        resume: the command that resumes it (``autoencoderkl.launch.resume_command``);
+            the header gives it with ``--resume latest``.
     """
     path = Path(path)
-    header = ["# Resolved config of this run. Relaunch it with:",
-              "#   " + shlex.join([os.path.basename(sys.argv[0]) or "python"] + sys.argv[1:])]
+    header = ["# Resolved config of this run."]
+    header += ["# Launched with:", f"#   {command}"] if command else []
+    header += ["# Resume it with:", f"#   {resume} --resume latest"] if resume else []
     header += [f"# {n}" for n in notes]
     text = "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
     write_atomic(path, text)
-
