@@ -120,3 +120,70 @@ def test_training_with_no_readable_validation_image_prints_one_line_naming_the_f
     assert error.startswith("error: none of the 2 validation images in ") and "bad.png: " in error
     assert "truncated.png: OSError: " in error and "image file is truncated" in error
     assert not (tmp_path / "run").exists()
+
+
+# --- 3 and 6. The run says where it writes, how to watch it and how to resume; config.yaml's line runs ----
+
+def test_launch_command_is_the_line_a_user_types_with_the_launcher_when_there_is_one(monkeypatch):
+    from autoencoderkl.launch import launch_command, resume_command
+
+    for name in ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "argv", ["lat train-vae", "--config", "demo", "--resume", "latest", "data.train_dir=my photos"])
+    assert launch_command() == "lat train-vae --config demo --resume latest 'data.train_dir=my photos'"
+    assert resume_command() == "lat train-vae --config demo 'data.train_dir=my photos'"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # set by every accelerate launch
+    assert resume_command() == "accelerate launch -m lat train-vae --config demo 'data.train_dir=my photos'"
+    monkeypatch.setattr(sys, "argv", ["scripts/train_vae.py", "--config", "demo"])
+    assert launch_command() == "accelerate launch scripts/train_vae.py --config demo"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert launch_command() == "python scripts/train_vae.py --config demo"
+
+
+def test_a_run_prints_its_folder_curves_and_resume_line_once_and_config_yaml_lines_run_as_printed(
+        photo_dir, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from autoencoderkl.config import load_config
+    from autoencoderkl.train import main as train_vae
+
+    for name in ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(photo_dir, **{"train.max_steps": 1})
+    monkeypatch.setattr(sys, "argv", ["lat train-vae", "--config", "demo", "--output-dir", str(out), *overrides])
+    train_vae(load_config(None, overrides), out)
+    printed = capsys.readouterr().out
+    assert printed.count(f"run folder: {out}/") == 1
+    assert f"curves: tensorboard --logdir {out}/logs | lat inspect-vae --run {out} --out {out}/inspect" in printed
+    resume = f"lat train-vae --config demo --output-dir {out} {shlex.join(overrides)} --resume latest"
+    assert f"resume: {resume}" in printed
+    header = (out / "config.yaml").read_text().splitlines()
+    launched = header[header.index("# Launched with:") + 1].removeprefix("#   ")
+    assert shlex.split(launched)[:4] == ["lat", "train-vae", "--config", "demo"]  # not 'lat train-vae' as one word
+    assert header[header.index("# Resume it with:") + 1] == f"#   {resume}"
+
+
+def test_dry_run_shows_the_output_dir():
+    proc = lat("train-vae", "--config", "demo", "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.startswith("# output dir: runs/vae-demo\n")
+    proc = lat("train-ldm", "--config", "demo", "--latents", "x", "--output-dir", "runs/mine", "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.startswith("# output dir: runs/mine\n")
+
+
+def test_inspect_vae_draws_the_curves_of_a_stage2_run_without_a_vae(tmp_path, capsys):
+    from PIL import Image
+
+    from lat.commands.inspect_vae import main as inspect_vae
+
+    run = tmp_path / "ldm-run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "time": {s}, "loss": {1 / (s + 1)}, "lr": 0.001, "val/loss": {2 / (s + 1)}}}\n'
+        for s in range(0, 50, 10)))
+    inspect_vae(["--run", str(run), "--out", str(run / "inspect")])
+    assert capsys.readouterr().out == f"wrote {run / 'inspect' / 'curves.png'}\n"
+    with Image.open(run / "inspect" / "curves.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    with pytest.raises(SystemExit, match="holds no numeric series|no metrics file"):
+        inspect_vae(["--run", str(tmp_path), "--out", str(tmp_path / "x")])
