@@ -607,8 +607,10 @@ def encode_latents(
     accelerator.wait_for_everyone()  # everyone has listed the shards before anyone writes one
     mine = missing[rank::world]
     logger.info(
-        "%s: %d sources in %d shards of %d; %d finished%s, %d to encode (%d on rank %d of %d, device %s, %d threads)",
-        out, len(sources), num_shards, shard_size, num_shards - len(missing), " (resumed)" if resumed else "",
+        "%s: %s; %d finished%s, %d to encode (%d on rank %d of %d, device %s, %d threads)", out,
+        f"{num_shards} input shards, one cache shard each" if shard_size is None  # a stream: rows not counted yet
+        else f"{len(sources)} sources in {num_shards} shards of {shard_size}",
+        num_shards - len(missing), " (resumed)" if resumed else "",
         len(missing), len(mine), rank, world, accelerator.device, threads,
     )
 

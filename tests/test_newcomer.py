@@ -187,3 +187,22 @@ def test_inspect_vae_draws_the_curves_of_a_stage2_run_without_a_vae(tmp_path, ca
         assert img.size[0] > 300 and img.size[1] > 200
     with pytest.raises(SystemExit, match="holds no numeric series|no metrics file"):
         inspect_vae(["--run", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+# --- 4. encode-latents --data hf:... logs its plan without a logging traceback -------------
+
+def test_encoding_a_stream_logs_its_shards_without_a_logging_error(tmp_path, caplog):
+    import logging
+
+    from autoencoderkl.shards import make_shards
+    from latent_diffusion.encode import encode_latents
+    from test_latents import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    write_photos(tmp_path / "photos", n=3)
+    make_shards(tmp_path / "photos", tmp_path / "shards", shard_size=2)
+    # pytest's log handler raises where logging would print "--- Logging error ---" and a traceback.
+    with caplog.at_level(logging.INFO, logger="latent_diffusion.encode"):
+        encode_latents(tmp_path / "vae", "hf:webdataset", tmp_path / "latents", resolution=16, num_workers=0,
+                       data_files=[str(tmp_path / "shards" / "train-*.tar")])
+    assert "latents: 2 input shards, one cache shard each; 0 finished" in caplog.text
