@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module with main(argv), one line for `lat --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     """The text of ``lat --help``."""
     width = max(map(len, COMMANDS))
-    lines = [__doc__.split("\n\n")[0].strip("`"), "", "usage: lat COMMAND [options]   (lat COMMAND --help for its options)",
+    lines = [__doc__.split("\n\n")[0].replace("``", ""), "", "usage: lat COMMAND [options]   (lat COMMAND --help for its options)",
              "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
@@ -62,4 +63,38 @@ def main(argv: list[str] | None = None) -> None:
         hint = f"; did you mean {close[0]}?" if close else ""
         sys.exit(f"lat: unknown command {name!r}{hint}\n\n{usage()}")
     sys.argv = [f"lat {name}", *rest]  # argparse's prog, and the resume hint, name the subcommand
-    importlib.import_module(COMMANDS[name][0]).main(rest)
+    new_dirs = missing_dirs(rest)
+    try:
+        importlib.import_module(COMMANDS[name][0]).main(rest)
+    except BaseException as exc:  # a failure (exit status != 0, an error, Ctrl-C): no empty folder stays behind
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            remove_empty(new_dirs)
+        raise
+
+
+def missing_dirs(argv: list[str]) -> list[Path]:
+    """The paths that ``argv``'s path-like arguments name, with their parents, that do not exist yet.
+
+    Every argument that is not a flag or a ``key=value`` override counts (``--out=DIR``
+    too): a command that fails removes those of them it created and left empty
+    (``remove_empty``), whatever its options are called.
+    """
+    found = []
+    for token in argv:
+        value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
+        if not value or value.startswith("-") or (not token.startswith("--") and "=" in value):
+            continue
+        path = Path(value)
+        while path != path.parent and not path.exists():
+            found.append(path)
+            path = path.parent
+    return found
+
+
+def remove_empty(paths: list[Path]) -> None:
+    """Remove each of ``paths`` that is now an empty folder, deepest first (nothing else is touched)."""
+    for path in sorted(set(paths), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only an empty folder; a file or a folder with content stays
+        except OSError:
+            pass

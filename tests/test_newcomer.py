@@ -206,3 +206,70 @@ def test_encoding_a_stream_logs_its_shards_without_a_logging_error(tmp_path, cap
         encode_latents(tmp_path / "vae", "hf:webdataset", tmp_path / "latents", resolution=16, num_workers=0,
                        data_files=[str(tmp_path / "shards" / "train-*.tar")])
     assert "latents: 2 input shards, one cache shard each; 0 finished" in caplog.text
+
+
+# --- 5. Output folders: earlier samples, another command's files, no empty folder after a failure ----
+
+def test_sample_refuses_earlier_samples_of_other_settings_unless_overwrite(tmp_path):
+    from latent_diffusion.sample import sample
+    from test_ldm import tiny_pipeline
+
+    pipe, out = tiny_pipeline(), tmp_path / "samples"
+    kw = dict(steps=2, progress=False)
+    sample(pipe, out, num_images=3, **kw)
+    with pytest.raises(FileExistsError, match=r"already holds 3 images of an earlier run \(3 images, seed 0, 2 steps\); "
+                                              r"pass --overwrite"):
+        sample(pipe, out, num_images=1, **kw)
+    assert len(list(out.glob("*.png"))) == 4  # untouched: 3 samples and the grid
+    sample(pipe, out, num_images=3, **kw)  # the same command again: allowed, the same files
+    result = sample(pipe, out, num_images=1, overwrite=True, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "grid.png", "sampling.json"]
+    assert result["settings"]["num_images"] == 1
+    (out / "checkpoints").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds files that lat sample-ldm does not write \(checkpoints\)"):
+        sample(pipe, out, num_images=1, overwrite=True, **kw)  # --overwrite never removes other files
+    assert (out / "000000.png").is_file()
+
+
+def test_encode_latents_refuses_a_folder_of_other_files_before_any_work_and_overwrite_replaces_a_cache(
+        tmp_path, monkeypatch, capsys):
+    from latent_diffusion import encode
+    from latent_diffusion.latents import load_index
+    from lat.commands.encode_latents import main as encode_command
+    from test_latents import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    write_photos(tmp_path / "photos", n=3)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train: {}\n")
+    load_vae = encode.load_vae
+    monkeypatch.setattr(encode, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded before the folder check"))
+    with pytest.raises(SystemExit) as exit_:
+        encode_command(["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "photos"), "--out", str(run),
+                        "--resolution", "16", "--num-workers", "0"])
+    assert str(exit_.value) == (f"error: --out {run} is not empty and holds files that are not a latent cache's "
+                                "(checkpoints, config.yaml); choose another --out (--overwrite removes only a cache's "
+                                "own files)")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    monkeypatch.setattr(encode, "load_vae", load_vae)
+    common = dict(num_workers=0, batch_size=4)
+    encode.encode_latents(tmp_path / "vae", tmp_path / "photos", tmp_path / "latents", resolution=16, **common)
+    with pytest.raises(ValueError, match="other settings .* pass --overwrite to encode it afresh"):
+        encode.encode_latents(tmp_path / "vae", tmp_path / "photos", tmp_path / "latents", resolution=8, **common)
+    encode.encode_latents(tmp_path / "vae", tmp_path / "photos", tmp_path / "latents", resolution=8, overwrite=True,
+                          **common)
+    assert load_index(tmp_path / "latents")["resolution"] == 8
+
+
+def test_a_failed_command_leaves_no_empty_folder(tmp_path):
+    from test_latents import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    write_photos(tmp_path / "one", n=1)
+    inspect = lat("inspect-vae", "--vae", "vae", "--images", "nosuch.png", "--out", "pictures/a", cwd=tmp_path)
+    probe = lat("eval-vae", "--vae", "vae", "--data", "one", "--resolution", "16", "--diffusability",
+                "--out", "reports/report.json", cwd=tmp_path)
+    assert inspect.stderr.splitlines()[-1] == "error: image nosuch.png does not exist"
+    assert probe.returncode == 1 and probe.stderr.splitlines()[-1].startswith("error: one: 0 training and 1 held-out")
+    assert not (tmp_path / "pictures").exists() and not (tmp_path / "reports").exists()
