@@ -273,3 +273,33 @@ def test_a_failed_command_leaves_no_empty_folder(tmp_path):
     assert inspect.stderr.splitlines()[-1] == "error: image nosuch.png does not exist"
     assert probe.returncode == 1 and probe.stderr.splitlines()[-1].startswith("error: one: 0 training and 1 held-out")
     assert not (tmp_path / "pictures").exists() and not (tmp_path / "reports").exists()
+
+
+# --- 7. Errors that stay on screen: the hint last, one line; a bad --device is one line too ---
+
+def test_a_config_typo_is_one_line_ending_with_the_hint_and_a_bad_type_lists_no_keys():
+    typo = lat("train-vae", "--config", "demo", "train.max_step=3", "--dry-run")
+    assert typo.returncode == 2 and typo.stderr.splitlines() == [
+        "error: unknown config key 'train.max_step' (command line); did you mean train.max_steps or train.log_steps?"]
+    bad = lat("train-ldm", "--config", "demo", "--latents", "x", "train.max_steps=many", "--dry-run")
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "error: bad value for config key 'train.max_steps' (command line): Value 'many' of type 'str' could not be "
+        "converted to Integer"]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "error: --device gpu: not a device name; use cpu, cuda, cuda:N or mps"),
+    ("cuda", "error: --device cuda: no CUDA device on this machine (torch.cuda.is_available() is False); "
+             "use --device cpu"),
+])
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(device, message, tmp_path):
+    from lat.commands.eval_vae import main as eval_vae
+    from lat.commands.sample_ldm import main as sample_ldm
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    for main, args in ((sample_ldm, ["--model", "nosuch", "--num-images", "1", "--out", str(tmp_path / "s")]),
+                       (eval_vae, ["--vae", "nosuch", "--data", "nosuch"])):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--device", device])
+        assert str(exit_.value) == message

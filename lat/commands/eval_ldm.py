@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lat.commands.args import class_label
+from lat.commands.args import check_device, class_label
 from latent_diffusion.config import SAMPLERS  # light: no torch or diffusers import
 
 
@@ -65,6 +65,8 @@ def _figure(value) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from latent_diffusion.evaluate import evaluate_ldm  # heavy imports after --help
+
+    check_device(args.device)
 
     try:
         report = evaluate_ldm(args.model, args.reference, out=args.out, num_images=args.num_images, samples=args.samples,

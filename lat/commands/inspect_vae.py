@@ -18,6 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from lat.commands.args import check_device
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -54,6 +56,7 @@ def main(argv=None):
         return
     from autoencoderkl.visualize import inspect_vae
 
+    check_device(args.device)
     try:
         written = inspect_vae(args.vae, args.out, images=args.images, resolution=args.resolution, steps=args.steps,
                               num_prior=args.num_prior, seed=args.seed, run_dir=args.run, vae_config=args.vae_config,

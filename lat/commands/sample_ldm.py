@@ -18,7 +18,7 @@ import sys
 
 from latent_diffusion.config import SAMPLERS
 
-from .args import class_label
+from .args import check_device, class_label
 
 
 def parse_args(argv=None):
@@ -50,6 +50,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from latent_diffusion.sample import sample  # heavy imports after --help
+
+    check_device(args.device)
 
     try:
         result = sample(args.model, args.out, args.num_images, steps=args.steps, scheduler=args.scheduler,
