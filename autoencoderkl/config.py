@@ -94,7 +94,7 @@ class LossConfig:
     # spatial transform tau (downscale by 2 or 4/3, antialiased; rotation by 90/180/270
     # degrees) is applied to the posterior sample z and to the images x, and
     # equivariance_weight x the same pixel + LPIPS NLL of (tau(x), decode(tau(z))) is added
-    # (autoencoderkl.losses.equivariance_transform). 0 = off (the run is then bit-identical
+    # (autoencoderkl.losses.draw_equivariance_transform). 0 = off (the run is then bit-identical
     # to one without the regulariser). Logged as eq_loss (0 on steps without a transform)
     # and eq_applied (the share of steps with one).
     equivariance_weight: float = 0.0
@@ -127,7 +127,7 @@ class DataConfig:
     # Lossless training augmentations beyond the flip, for tiny datasets: a random
     # quarter-turn, and a random order of the R, G, B planes.
     rotate: bool = False  # also a random quarter-turn of each crop
-    permute_channels: bool = False  # also a random order of the R, G, B planes (see above)
+    permute_channels: bool = False  # also a random one of the 6 orders of the R, G, B planes of each crop
     # Colour jitter of strength s in [0, 1): brightness, contrast and saturation x U(1-s, 1+s),
     # hue shifted by U(-s/2, s/2) of a turn (torchvision's ColorJitter operations).
     color_jitter: float = 0.0

@@ -5,7 +5,7 @@
     lat eval-vae --vae runs/vae-demo --data /data/heldout
     lat --help                                  # the subcommands
 
-One command with subcommands (as ``accelerate``, ``huggingface-cli`` and ``git`` do)
+One command with subcommands (as ``accelerate``, ``hf`` and ``git`` do)
 rather than nine ``lat-*`` executables: one name to remember and to put after
 ``accelerate launch -m`` or ``torchrun -m``, one ``--help`` that lists every task, and
 nothing imported but the chosen subcommand (each ``--help`` answers in well under a

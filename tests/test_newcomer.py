@@ -303,3 +303,32 @@ def test_a_device_this_machine_lacks_is_one_line_before_any_work(device, message
         with pytest.raises(SystemExit) as exit_:
             main([*args, "--device", device])
         assert str(exit_.value) == message
+
+
+# --- 8. Every --help names the command as typed and only things that exist ---------------
+
+def test_every_help_names_its_lat_command_and_only_functions_that_exist(monkeypatch, capsys):
+    import importlib
+    import re
+
+    from lat.cli import COMMANDS, main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # lat.cli.main sets sys.argv[0] to the subcommand
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("lat: one command for the whole toolkit")
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert exit_.value.code == 0 and text.startswith(f"usage: lat {name} "), name
+        # Script names only as the checkout's scripts/x.py, never as what to type.
+        assert "python scripts/" not in text, name
+        assert [m.group(0) for m in re.finditer(r"(?<![\w/])\w+\.py\b", text)] == [], name
+        assert "see above" not in text, name  # --help shows each key's comment alone
+        for dotted in set(re.findall(r"\b(?:autoencoderkl|latent_diffusion|lat)(?:\.\w+)+", text)):
+            module, attr = dotted.rsplit(".", 1)
+            try:
+                importlib.import_module(dotted)
+            except ImportError:
+                assert hasattr(importlib.import_module(module), attr), f"lat {name} --help names {dotted}"

@@ -24,7 +24,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="remove an earlier run's files in the output dir first")
     parser.add_argument("--push-to-hub", metavar="REPO_ID",
                         help="after training, upload the exported model (with its model card) to this Hugging Face "
-                             "Hub repository (created if missing; needs `huggingface-cli login` or HF_TOKEN)")
+                             "Hub repository (created if missing; needs `hf auth login` or HF_TOKEN)")
     parser.add_argument("--dry-run", action="store_true", help="print the output dir and the resolved config, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=200")
 

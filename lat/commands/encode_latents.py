@@ -27,7 +27,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, or a train_vae.py output dir (its vae/)")
+    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, or a lat train-vae output dir (its vae/)")
     parser.add_argument("--data", required=True,
                         help="image folder (searched recursively; class subfolders become labels), or 'demo': "
                              "tiles of the photos scikit-image ships, labelled by photo (a folder named demo: ./demo), "

@@ -30,9 +30,9 @@ from latent_diffusion.config import SAMPLERS  # light: no torch or diffusers imp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="eval_ldm.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of train_ldm.py) or the run's output dir")
+    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of lat train-ldm) or the run's output dir")
     parser.add_argument("--reference", required=True, help="the training images: an image folder or the latent cache the model trained on")
     parser.add_argument("--out", default="report.json", help="the report (default report.json); files named after it go beside it")
     parser.add_argument("--num-images", type=int, help="images to generate (default: as many as the reference has)")
