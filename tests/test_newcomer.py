@@ -332,3 +332,46 @@ def test_every_help_names_its_lat_command_and_only_functions_that_exist(monkeypa
                 importlib.import_module(dotted)
             except ImportError:
                 assert hasattr(importlib.import_module(module), attr), f"lat {name} --help names {dotted}"
+
+
+# --- 10. make-shards checks each image as it packs it, with a progress bar -----------------
+
+@pytest.mark.parametrize("image_format", ["keep", "png"])
+def test_make_shards_skips_and_counts_unreadable_images_with_a_progress_bar(image_format, tmp_path, monkeypatch):
+    import tarfile
+
+    import autoencoderkl.shards as shards
+    from autoencoderkl.data import UnreadableImageWarning
+
+    write_photos(tmp_path / "photos", n=4)
+    bad_images(tmp_path / "photos")  # bad.png (text) and truncated.png sort first
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, refresh=True, **kwargs):
+            self.postfix = kwargs
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(shards, "tqdm", Bar)
+    with pytest.warns(UnreadableImageWarning) as record:
+        index = shards.make_shards(tmp_path / "photos", tmp_path / "shards", shard_size=3, val_fraction=0.2,
+                                   image_format=image_format)
+    assert [(b.total, b.n, b.postfix) for b in bars] == [(6, 6, {"skipped": 2})]
+    assert index["num_skipped"] == 2 and [p for p, _ in index["skipped"]] == ["truncated.png", "bad.png"]
+    assert any("truncated.png: OSError" in str(w.message) for w in record)
+    # Sorted: bad.png, photo_00..03, truncated.png; bad.png is the one held out (evenly spaced), so
+    # validation has no readable image: no split, no empty tar. Train keeps the 4 photos: shards of 3 and 1.
+    assert list(index["splits"]) == ["train"] and index["num_samples"] == 4
+    assert [s["num_samples"] for s in index["splits"]["train"]["shards"]] == [3, 1]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
+    with tarfile.open(tmp_path / "shards" / "train-000001.tar") as tar:
+        assert tar.extractfile("00000004.path.txt").read() == b"photo_03.png"
