@@ -156,7 +156,8 @@ def sample(
         seed: >= 0; image i's noise comes from ``image_generators(seed, [i])``.
         batch_size: images per U-Net batch (x2 with guidance).
         device: default CUDA when available, else the CPU.
-        progress: show a tqdm bar over images.
+        progress: show a tqdm bar over the denoising steps of every batch (images done
+            in its postfix).
         shift: flow samplers only: their ``shift`` instead of the saved one (see
             ``latent_diffusion.model.build_sampler``).
         overwrite: replace earlier samples of other settings in ``out``.
@@ -192,24 +193,40 @@ def sample(
     out.mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(num_images - 1)))
     paths, shown = [], []
-    bar = tqdm(total=num_images, desc="sample_ldm", unit="img", disable=not progress, dynamic_ncols=True)
+    # One bar over every denoising step of every batch (a batch of 16 images is one step
+    # per U-Net call, not one tick at its end): diffusers' per-call progress_bar hook,
+    # pointed at ours for the length of this call.
+    pipeline.scheduler.set_timesteps(steps, device=device)
+    per_batch = len(pipeline.scheduler.timesteps)  # steps, or more for a 2nd-order sampler (flow_heun)
+    bar = tqdm(total=math.ceil(num_images / batch_size) * per_batch, desc="sample_ldm", unit="step",
+               disable=not progress, dynamic_ncols=True)
+
+    def count_steps(iterable=None, total=None):
+        for item in iterable:
+            yield item
+            bar.update(1)
+
+    pipeline.progress_bar = count_steps
     start = time.perf_counter()
-    for first in range(0, num_images, batch_size):
-        indices = range(first, min(first + batch_size, num_images))
-        images = pipeline(
-            batch_size=len(indices), num_inference_steps=steps,
-            class_labels=class_labels_for(pipeline, class_label, indices), guidance_scale=guidance_scale,
-            generator=image_generators(seed, indices, device), output_type="np",
-        ).images  # (b, H, W, 3) float32 in [0, 1]
-        arrays = (images * 255).round().astype(np.uint8)
-        for i, array in zip(indices, arrays):
-            path = out / f"{i:0{width}d}.png"
-            _save_png(array, path)
-            paths.append(path)
-            if len(shown) < GRID_MAX:
-                shown.append(torch.from_numpy(array).permute(2, 0, 1))
-        bar.update(len(indices))
-    bar.close()
+    try:
+        for first in range(0, num_images, batch_size):
+            indices = range(first, min(first + batch_size, num_images))
+            images = pipeline(
+                batch_size=len(indices), num_inference_steps=steps,
+                class_labels=class_labels_for(pipeline, class_label, indices), guidance_scale=guidance_scale,
+                generator=image_generators(seed, indices, device), output_type="np",
+            ).images  # (b, H, W, 3) float32 in [0, 1]
+            arrays = (images * 255).round().astype(np.uint8)
+            for i, array in zip(indices, arrays):
+                path = out / f"{i:0{width}d}.png"
+                _save_png(array, path)
+                paths.append(path)
+                if len(shown) < GRID_MAX:
+                    shown.append(torch.from_numpy(array).permute(2, 0, 1))
+            bar.set_postfix(images=f"{len(paths)}/{num_images}")
+    finally:
+        del pipeline.progress_bar  # the class's own again
+        bar.close()
     seconds = time.perf_counter() - start
 
     grid = out / "grid.png"

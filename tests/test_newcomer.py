@@ -375,3 +375,35 @@ def test_make_shards_skips_and_counts_unreadable_images_with_a_progress_bar(imag
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["train-000000.tar", "train-000001.tar"]
     with tarfile.open(tmp_path / "shards" / "train-000001.tar") as tar:
         assert tar.extractfile("00000004.path.txt").read() == b"photo_03.png"
+
+
+# --- 11. sample-ldm's bar moves with every denoising step ---------------------------------
+
+def test_sample_progress_counts_denoising_steps_of_every_batch(tmp_path, monkeypatch):
+    import latent_diffusion.sample as sampling
+    from diffusers import DiffusionPipeline
+    from test_ldm import tiny_pipeline
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, unit, **kwargs):
+            self.total, self.unit, self.updates, self.postfix = total, unit, [], []
+            bars.append(self)
+
+        def update(self, n):
+            self.updates.append(n)
+
+        def set_postfix(self, **kwargs):
+            self.postfix.append(kwargs["images"])
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sampling, "tqdm", Bar)
+    pipe = tiny_pipeline()
+    sampling.sample(pipe, tmp_path / "s", num_images=3, batch_size=2, steps=4, scheduler="ddim")
+    [bar] = bars
+    assert (bar.total, bar.unit, bar.updates) == (2 * 4, "step", [1] * 8)  # 2 batches x 4 U-Net steps, one tick each
+    assert bar.postfix == ["2/3", "3/3"]
+    assert type(pipe).progress_bar is DiffusionPipeline.progress_bar and "progress_bar" not in vars(pipe)
