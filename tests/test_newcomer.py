@@ -407,3 +407,32 @@ def test_sample_progress_counts_denoising_steps_of_every_batch(tmp_path, monkeyp
     assert (bar.total, bar.unit, bar.updates) == (2 * 4, "step", [1] * 8)  # 2 batches x 4 U-Net steps, one tick each
     assert bar.postfix == ["2/3", "3/3"]
     assert type(pipe).progress_bar is DiffusionPipeline.progress_bar and "progress_bar" not in vars(pipe)
+
+
+# --- 12. scripts/gpu_check.sh: --help, and the project's interpreter rather than any python --
+
+def test_gpu_check_help_and_it_finds_the_projects_python_not_the_first_on_path(tmp_path):
+    import shutil
+
+    script = REPO / "scripts" / "gpu_check.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    help_ = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60,
+                           env={**env, "OUT": str(tmp_path / "out")})
+    assert help_.returncode == 0 and "bash scripts/gpu_check.sh --cpu-smoke DIR" in help_.stdout
+    assert "The Python it runs: $PYTHON if set" in help_.stdout and not (tmp_path / "out").exists()
+
+    bin_dir = Path(sys.executable).parent
+    lat_command = shutil.which("lat", path=str(bin_dir))
+    if lat_command is None or torch.cuda.is_available():
+        pytest.skip("needs the lat command beside this interpreter, and a machine without CUDA")
+    interpreter = Path(lat_command).read_text().splitlines()[0].removeprefix("#!").split()[0]
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "python").write_text("#!/bin/sh\necho 'a python without torch' >&2\nexit 1\n")
+    (stub / "python").chmod(0o755)
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                          env={**env, "OUT": str(tmp_path / "out"), "PATH": f"{stub}:{bin_dir}:/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stdout.strip() == f"gpu_check: python {interpreter} (from the #! line of {lat_command})"
+    assert proc.stderr.strip().startswith(f"gpu_check: no CUDA device: {interpreter}: torch ")
+    assert "sees no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
