@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``lat COMMAND ...``: import only that command's module and call its ``main``.
 
     Raises:
-        SystemExit: 2 with the list of commands (and a close match) for an unknown one.
+        SystemExit: 2 with the list of commands (and a close match) for an unknown one;
+            1 with one line after Ctrl-C. A command that fails removes the folders it
+            created and left empty (``missing_dirs``, ``remove_empty``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as exc:  # a failure (exit status != 0, an error, Ctrl-C): no empty folder stays behind
         if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
             remove_empty(new_dirs)
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C outside a training loop (which checkpoints and stops)
+            sys.exit(f"lat {name}: interrupted")  # one line, exit status 1, no traceback
         raise
 
 
