@@ -4,7 +4,7 @@ The dataclasses below are the single source of truth for every option of a stage
 with units and the reference each default comes from. ``load_config`` merges them with a
 YAML file and command-line overrides through OmegaConf (as CompVis ``main.py`` does with
 ``OmegaConf.from_dotlist``), and fails *before any work* on an unknown key, a wrong type
-or a value outside its choices, naming the key and listing the valid ones.
+or a value outside its choices, naming the key (and a close match, or the valid ones).
 
 Latent diffusion (stage 2) reuses the machinery here (``merge_config``, ``save_config``)
 with its own dataclasses, so both stages read and fail the same way.
@@ -20,8 +20,6 @@ import io
 import json
 import os
 import re
-import shlex
-import sys
 import textwrap
 import tokenize
 from dataclasses import dataclass, field
@@ -155,7 +153,7 @@ class DataConfig:
     # Lossless training augmentations beyond the flip, for tiny datasets: a random
     # quarter-turn, and a random order of the R, G, B planes.
     rotate: bool = False  # also a random quarter-turn of each crop
-    permute_channels: bool = False  # also a random order of the R, G, B planes (see above)
+    permute_channels: bool = False  # also a random one of the 6 orders of the R, G, B planes of each crop
     # Colour jitter of strength s in [0, 1): brightness, contrast and saturation x U(1-s, 1+s),
     # hue shifted by U(-s/2, s/2) of a turn (torchvision's ColorJitter operations).
     color_jitter: float = 0.0
@@ -388,15 +386,26 @@ def keys_help(schema: Any, width: int = 100) -> str:
 
 
 def _config_error(exc: OmegaConfBaseException, schema: Any, where: str) -> ValueError:
-    key = getattr(exc, "full_key", None) or "?"
+    """One short message for a bad key or value, with the hint (a close match) last.
+
+    No list of every key: 70 lines pushed the hint off the screen. An unknown key with no
+    close match gets the keys of its section (or the section names) on one line;
+    ``--help`` explains every key.
+    """
+    key = str(getattr(exc, "full_key", None) or "?")
     keys = valid_keys(schema)
-    msg = str(exc).splitlines()[0]
     if isinstance(exc, ConfigKeyError):
-        head = f"unknown config key '{key}' ({where})"
-        close = difflib.get_close_matches(str(key), keys, n=2, cutoff=0.7)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        return ValueError(f"{head}{hint}\nvalid keys:\n  " + "\n  ".join(keys))
-    return ValueError(f"bad value for config key '{key}' ({where}): {msg}\nvalid keys:\n  " + "\n  ".join(keys))
+        close = difflib.get_close_matches(key, keys, n=2, cutoff=0.7)
+        if close:
+            return ValueError(f"unknown config key '{key}' ({where}); did you mean {' or '.join(close)}?")
+        section = key.split(".")[0]
+        names = [k.split(".", 1)[1] for k in keys if k.startswith(f"{section}.")]
+        sections = list(dict.fromkeys(k.split(".")[0] for k in keys))
+        known = (f"the {section} keys are {', '.join(names)}" if names
+                 else f"the sections are {', '.join(sections)}")
+        return ValueError(f"unknown config key '{key}' ({where}); {known} (--help explains each)")
+    msg = str(exc).splitlines()[0]
+    return ValueError(f"bad value for config key '{key}' ({where}): {msg}")
 
 
 _YAML_BOOL_SPELLINGS = {"False": ("false", "no", "off", "n"), "True": ("true", "yes", "on", "y")}
@@ -419,7 +428,7 @@ def merge_config(
         An instance of ``schema`` with every value typed (ints are ints, lists are lists).
     Raises:
         FileNotFoundError: if ``yaml_path`` does not exist.
-        ValueError: on an unknown key (the message lists the valid keys and a close match),
+        ValueError: on an unknown key (the message gives a close match, or its section's keys),
             a value of the wrong type, a malformed override, a value outside ``choices``, or
             a value the YAML marks as required (``???``) that no override gives.
     """
@@ -577,18 +586,23 @@ def check_loop_config(cfg: Any, extra_positive: tuple[str, ...] = ()) -> None:
                          f'pip install -e ".[wandb]" (or pip install wandb), or set train.report_to=tensorboard')
 
 
-def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = ()) -> None:
+def save_config(cfg: Any, path: str | os.PathLike, notes: list[str] = (), command: str | None = None,
+                resume: str | None = None) -> None:
     """Write the resolved config as YAML, atomically, headed by the launch command.
 
     Args:
         cfg: a config dataclass instance.
         path: destination file; written atomically (``autoencoderkl.atomic``).
         notes: extra lines for the header (e.g. what ``perceptual_pretrained=auto`` chose).
+        command: the command line that launched the run, as it runs when pasted
+            (``autoencoderkl.launch.launch_command``).
+        resume: the command that resumes it (``autoencoderkl.launch.resume_command``);
+            the header gives it with ``--resume latest``.
     """
     path = Path(path)
-    header = ["# Resolved config of this run. Relaunch it with:",
-              "#   " + shlex.join([os.path.basename(sys.argv[0]) or "python"] + sys.argv[1:])]
+    header = ["# Resolved config of this run."]
+    header += ["# Launched with:", f"#   {command}"] if command else []
+    header += ["# Resume it with:", f"#   {resume} --resume latest"] if resume else []
     header += [f"# {n}" for n in notes]
     text = "\n".join(header) + "\n" + OmegaConf.to_yaml(OmegaConf.structured(cfg))
     write_atomic(path, text)
-

@@ -506,7 +506,8 @@ class ImageFolder(torch.utils.data.Dataset):
       small, and a replaced image would count a neighbour twice in the metrics); bad
       files are dropped from ``paths`` with a warning each (up to 20) and a summary
       "skipped N of M files". One that passes the header but fails to decode later is
-      replaced as in training.
+      replaced as in training by ``__getitem__``, and dropped and counted by ``all_crops``
+      (the fixed validation batch).
 
     The count works across DataLoader workers: the per-file flags are one byte each in a
     shared-memory tensor made here, before any worker starts (forked workers inherit
@@ -730,7 +731,7 @@ class ImageFolder(torch.utils.data.Dataset):
             (3, resolution, resolution) float32 in [-1, 1].
         Raises:
             IndexError: if ``index`` is out of range.
-            RuntimeError: if every image fails to decode.
+            ValueError: if every image fails to decode (naming the files that did).
         Warns:
             UnreadableImageWarning: when a file is found unreadable (first ~20 by name).
         """
@@ -754,8 +755,52 @@ class ImageFolder(torch.utils.data.Dataset):
                 return self._sample(j, crop, draw)
             except (OSError, Image.DecompressionBombWarning) as exc:
                 self._skip(j, self._reason(self.paths[j], exc))
-        first = f"; first here: {self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else ""
-        raise RuntimeError(f"all {num_images} images of this ImageFolder failed to decode{first}")
+        raise ValueError(f"none of the {num_images} images in {self._where(self.paths)} could be decoded "
+                         f"({self._failures()})")
+
+    def _failures(self) -> str:
+        """The files that failed to decode, with their reasons (those found in this process), for messages."""
+        found = self.skipped[self._dropped:]
+        named = "; ".join(f"{p}: {r}" for p, r in found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
+        return named or "found unreadable by DataLoader workers"
+
+    def all_crops(self) -> torch.Tensor:
+        """Every crop of every readable image, in order: the fixed validation batch.
+
+        Evaluation mode only. A file whose header passed but whose pixels fail to decode
+        (a truncated PNG) is dropped from ``paths`` and counted as skipped, with a warning,
+        as construction drops the files whose header fails; it is not replaced by a
+        neighbour, which would count that neighbour twice.
+
+        Returns:
+            (len(paths) * grid**2, 3, resolution, resolution) float32 in [-1, 1].
+        Raises:
+            ValueError: in training mode, or when no image is left, naming every file and
+                why it was skipped.
+        Warns:
+            UnreadableImageWarning: once per file dropped here.
+        """
+        if self.train:
+            raise ValueError("all_crops() is for an evaluation ImageFolder (train=False)")
+        crops, kept, failed = [], [], []
+        for j, path in enumerate(self.paths):
+            try:
+                crops += [self._sample(j, crop, 0) for crop in range(self.grid**2)]
+                kept.append(path)
+            except (OSError, Image.DecompressionBombWarning) as exc:
+                failed.append((path, self._reason(path, exc)))
+                warnings.warn(f"skipping {path}: {failed[-1][1]}", UnreadableImageWarning, stacklevel=2)
+        if failed:
+            self.skipped[self._dropped:self._dropped] = failed  # dropped files come first (skipped_paths)
+            self._dropped += len(failed)
+            self.paths = kept
+            self._bad = torch.zeros(len(kept), dtype=torch.uint8).share_memory_()
+        if not crops:
+            dropped = self.skipped[:self._dropped]
+            reasons = "; ".join(f"{getattr(p, 'name', p)}: {r}" for p, r in dropped)
+            raise ValueError(f"none of the {len(dropped)} validation images in {self._where([p for p, _ in dropped])} "
+                             f"is readable ({reasons})")
+        return torch.stack(crops)
 
 
 class InfiniteSampler(torch.utils.data.Sampler):

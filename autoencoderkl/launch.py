@@ -3,7 +3,7 @@
 ``start_run`` is the first call of both training loops: it builds the ``Accelerator``
 (launcher settings vs the run config's, trackers, a gloo group for CPU processes under
 torchrun), sets the CPU threads and the seed, checks the output folder (``--resume``,
-``--overwrite``) and finds the checkpoint to resume from. ``resume_command`` rebuilds the
+``--overwrite``) and finds the checkpoint to resume from. ``launch_command`` rebuilds the
 command line that relaunches the run, for messages and ``config.yaml``.
 """
 
@@ -173,27 +173,48 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: str | None, overwr
     return out
 
 
-def resume_command() -> str:
-    """This process's command line with ``--resume`` dropped, for "resume with" messages.
+def launched() -> bool:
+    """Whether a launcher started this process: ``accelerate launch`` (it always sets
+    ``ACCELERATE_MIXED_PRECISION``) or ``torchrun`` (``TORCHELASTIC_RUN_ID``)."""
+    return any(name in os.environ for name in ("ACCELERATE_MIXED_PRECISION", "TORCHELASTIC_RUN_ID"))
 
-    Under ``accelerate launch`` or ``torchrun`` ``sys.argv`` holds only the script and
-    its arguments; the launcher is prefixed as ``accelerate launch`` (``accelerate launch
-    -m lat COMMAND`` for the ``lat`` command, whose ``sys.argv[0]`` is ``"lat COMMAND"``).
+
+def launch_command(drop_resume: bool = False) -> str:
+    """This process's command line as a user types it, to print and to record in ``config.yaml``.
+
+    ``lat``'s ``sys.argv[0]`` is ``"lat COMMAND"`` (set by ``lat.cli``): two words, not one
+    quoted program. Under a launcher the process sees only the program and its
+    arguments, so ``accelerate launch -m lat COMMAND ...`` (or ``accelerate launch
+    scripts/x.py ...``) stands for it; its own options (process count, precision) are not
+    visible from here. Without one: ``lat COMMAND ...`` or ``python scripts/x.py ...``.
+
+    Args:
+        drop_resume: leave out ``--resume X`` (for "resume with ... --resume latest").
     """
-    program = sys.argv[0].split() if sys.argv and sys.argv[0].startswith("lat ") else sys.argv[:1]
-    launch = ["accelerate", "launch", "-m"] if program[:1] == ["lat"] else ["accelerate", "launch"]
+    argv0 = sys.argv[0] if sys.argv else "python"
+    is_lat = argv0.startswith("lat ")
+    program = argv0.split() if is_lat else [argv0]
+    if launched():
+        prefix = ["accelerate", "launch", "-m"] if is_lat else ["accelerate", "launch"]
+    else:
+        prefix = [] if is_lat else ["python"]
     args, skip = [], False
     for a in sys.argv[1:]:
         if skip:
             skip = False
             continue
-        if a == "--resume":
+        if drop_resume and a == "--resume":
             skip = True
             continue
-        if a.startswith("--resume="):
+        if drop_resume and a.startswith("--resume="):
             continue
         args.append(a)
-    return shlex.join(launch + program + args)
+    return shlex.join(prefix + program + args)
+
+
+def resume_command() -> str:
+    """``launch_command`` without ``--resume``: what a "resume with" message appends ``--resume latest`` to."""
+    return launch_command(drop_resume=True)
 
 
 def start_run(

@@ -1,6 +1,7 @@
 """What a run records, shared by both stages: metrics.jsonl, the trackers, the log window.
 
-``open_logs`` writes the run's ``config.yaml`` and starts Accelerate's trackers;
+``open_logs`` writes the run's ``config.yaml``, starts Accelerate's trackers and prints
+where the run writes (``start_message``);
 ``LogWindow`` averages a window of optimizer steps (every micro-batch weighted alike) and
 ``write_logs`` sends one line to ``metrics.jsonl`` (``MetricsLog``) and the trackers;
 ``log_image`` logs a PNG grid.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +24,7 @@ from PIL import Image
 
 from .atomic import write_atomic
 from .config import save_config
+from .launch import launch_command, resume_command
 
 if TYPE_CHECKING:
     from .faults import NonFiniteGuard
@@ -129,8 +132,28 @@ def write_logs(
     accelerator.log(logs, step=global_step)
 
 
+def start_message(out: Path, report_to: str, resume: str) -> str:
+    """Where a run writes, where to watch its curves and how to resume it: three lines for the console.
+
+    Args:
+        out: the run's output dir.
+        report_to: ``train.report_to`` (which trackers run).
+        resume: the command that resumes the run, without ``--resume`` (``launch_command``).
+    """
+    watch = [f"tensorboard --logdir {shlex.quote(str(out / 'logs'))}"] if report_to in ("tensorboard", "all") else []
+    watch += ["W&B (project $WANDB_PROJECT or latent-autoencoders)"] if report_to in ("wandb", "all") else []
+    run = shlex.quote(str(out))
+    watch += [f"lat inspect-vae --run {run} --out {shlex.quote(str(out / 'inspect'))} (curves.png)"]
+    return (f"run folder: {out}/ (config.yaml, metrics.jsonl, samples/, checkpoints/; the export when it ends)\n"
+            f"curves: {' | '.join(watch)}\n"
+            f"stop: Ctrl-C or SIGTERM writes a checkpoint; resume: {resume} --resume latest")
+
+
 def open_logs(accelerator: Accelerator, cfg: Any, out: Path, notes: list[str], resume_step: int | None) -> MetricsLog:
     """Write ``config.yaml``, start the tracker (main process) and open ``metrics.jsonl``.
+
+    The main process also prints ``start_message`` once: the run folder, how to watch
+    the curves, how to resume.
 
     Args:
         cfg: the resolved config, saved as the run's ``config.yaml`` with ``notes``.
@@ -138,7 +161,8 @@ def open_logs(accelerator: Accelerator, cfg: Any, out: Path, notes: list[str], r
     """
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)  # the first file a run writes: a run that failed earlier left none
-        save_config(cfg, out / "config.yaml", notes)
+        save_config(cfg, out / "config.yaml", notes, command=launch_command(), resume=resume_command())
+        print(start_message(out, cfg.train.report_to, resume_command()), flush=True)
         flat = {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
                 for key, value in _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))}
         # The project groups runs in W&B (WANDB_PROJECT overrides it); the run is named after the output dir.

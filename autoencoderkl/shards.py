@@ -22,11 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+from tqdm.auto import tqdm
+
 from .atomic import atomic_dir
-from .data import PathLike, class_labels, evenly_spaced, list_images, load_rgb, png_bytes
+from .data import (
+    _MAX_NAMED_WARNINGS,
+    PathLike,
+    UnreadableImageWarning,
+    _failure_reason,
+    class_labels,
+    evenly_spaced,
+    list_images,
+    load_rgb,
+    png_bytes,
+)
 
 INDEX_FILE = "index.json"
 # A file's extension -> the WebDataset field its bytes go to (datasets decodes these as images).
@@ -41,6 +55,26 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _decoded(path: Path, image_format: str) -> bytes:
+    """What a sample stores for ``path``, after decoding it fully as training would.
+
+    ``keep``: the file's bytes (decoded once only to check them); ``png``: the decoded
+    image as lossless PNG. A decompression bomb of warning size fails like one of error
+    size, as ``autoencoderkl.data.load_resized`` treats it.
+
+    Raises:
+        OSError: if the file is not a readable image (not an image, truncated, a bomb).
+    """
+    data = path.read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = load_rgb(data, name=str(path))
+        except Image.DecompressionBombWarning as exc:
+            raise OSError(f"cannot read image {path}: decompression bomb: {exc}") from exc
+    return data if image_format == "keep" else png_bytes(img)
 
 
 def make_shards(
@@ -67,15 +101,22 @@ def make_shards(
             format; .jpg and .jpeg count as one); ``png``: every image decoded as
             training decodes it and stored as lossless PNG (mixed folders).
         overwrite: replace an existing non-empty ``out``.
+    Every image is decoded once as it is packed (a tqdm bar counts them): a file that is
+    not a readable image (text named .png, truncated, a decompression bomb) is skipped,
+    named in an ``UnreadableImageWarning`` (the first 20) and counted, as training skips
+    it; its sample is left out of its split.
+
     Returns:
         The index (as written to ``out/index.json``): ``splits`` {name: {``pattern``
         (brace pattern of its files, relative to ``out``), ``num_samples``, ``shards``
         [{``file``, ``num_samples``, ``sha256``}]}}, ``classes`` (or None),
-        ``image_field``, ``label_field``, ``source``, ``image_format``.
+        ``image_field``, ``label_field``, ``source``, ``image_format``, ``num_samples``
+        (packed), ``num_skipped`` and ``skipped`` [[path relative to ``folder``, reason]].
     Raises:
         FileNotFoundError, ValueError: a missing or image-less ``folder`` (``list_images``).
         ValueError: a bad argument, a folder of several formats with ``keep``, nothing
-            left to train on, or an existing ``out`` without ``overwrite``.
+            left to train on (none of the training split's images readable), or an
+            existing ``out`` without ``overwrite``.
     """
     import webdataset as wds
 
@@ -110,25 +151,54 @@ def make_shards(
 
     index: dict[str, Any] = {"format": "webdataset", "source": str(root), "image_format": image_format,
                              "image_field": field, "label_field": "cls" if labels is not None else None,
-                             "path_field": "path.txt", "classes": classes, "num_samples": len(paths), "splits": {}}
+                             "path_field": "path.txt", "classes": classes, "num_samples": 0, "splits": {},
+                             "num_skipped": 0, "skipped": []}
     if out.exists() and overwrite:
         shutil.rmtree(out)
+    progress = tqdm(total=len(paths), desc="make_shards", unit="img", dynamic_ncols=True)
     with atomic_dir(out) as tmp:
         for split, members in splits.items():
             if not members:
                 continue
+            written = 0
             with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
                 for i in members:
-                    sample = {"__key__": f"{i:08d}",
-                              field: paths[i].read_bytes() if image_format == "keep" else png_bytes(load_rgb(paths[i])),
-                              "path.txt": str(paths[i].relative_to(root))}
+                    progress.update(1)
+                    try:
+                        data = _decoded(paths[i], image_format)
+                    except OSError as exc:
+                        reason = _failure_reason(paths[i], exc)
+                        index["skipped"].append([str(paths[i].relative_to(root)), reason])
+                        if len(index["skipped"]) <= _MAX_NAMED_WARNINGS:
+                            warnings.warn(f"skipping {paths[i]}: {reason}", UnreadableImageWarning, stacklevel=2)
+                        progress.set_postfix(skipped=len(index["skipped"]), refresh=False)
+                        continue
+                    sample = {"__key__": f"{i:08d}", field: data, "path.txt": str(paths[i].relative_to(root))}
                     if labels is not None:
                         sample["cls"] = labels[i]
                     sink.write(sample)
+                    written += 1
             files = sorted(tmp.glob(f"{split}-*.tar"))
-            shards = [{"file": f.name, "num_samples": min(shard_size, len(members) - k * shard_size),
+            if not written:  # every image of the split was unreadable: no split, no empty tar
+                for f in files:
+                    f.unlink()
+                if split == "train":
+                    progress.close()
+                    raise ValueError(f"none of the {len(members)} training images in {root} is readable "
+                                     f"(e.g. {'; '.join(f'{p}: {r}' for p, r in index['skipped'][:3])})")
+                continue
+            for extra in files[(written + shard_size - 1) // shard_size:]:  # an empty tar opened last, if any
+                extra.unlink()
+            files = files[: (written + shard_size - 1) // shard_size]
+            shards = [{"file": f.name, "num_samples": min(shard_size, written - k * shard_size),
                        "sha256": _sha256(f)} for k, f in enumerate(files)]
             index["splits"][split] = {"pattern": f"{split}-{{000000..{len(files) - 1:06d}}}.tar",
-                                      "num_samples": len(members), "shards": shards}
+                                      "num_samples": written, "shards": shards}
+            index["num_samples"] += written
+        progress.close()
+        index["num_skipped"] = len(index["skipped"])
+        if index["skipped"]:
+            warnings.warn(f"skipped {index['num_skipped']} of {len(paths)} files in {root}: not readable as images "
+                          f"(listed in {out / INDEX_FILE} 'skipped')", UnreadableImageWarning, stacklevel=2)
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1))
     return index

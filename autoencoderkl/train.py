@@ -175,7 +175,7 @@ def main(
                                 permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
         val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
     stream = isinstance(train_set, HFImageStream)  # resumed from its saved position, not from a sample count
-    val_images = torch.stack([val_set[i] for i in range(len(val_set))]).to(accelerator.device)
+    val_images = val_set.all_crops().to(accelerator.device)  # unreadable ones skipped and counted
     logger.info(  # unreadable training images are found (skipped, counted) when first read
         "data: %s, %d validation crops of %d px from %d images",
         hf.description if hf else f"{len(train_set)} training images", len(val_images), cfg.data.resolution,

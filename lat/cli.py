@@ -5,7 +5,7 @@
     lat eval-vae --vae runs/vae-demo --data /data/heldout
     lat --help                                  # the subcommands
 
-One command with subcommands (as ``accelerate``, ``huggingface-cli`` and ``git`` do)
+One command with subcommands (as ``accelerate``, ``hf`` and ``git`` do)
 rather than nine ``lat-*`` executables: one name to remember and to put after
 ``accelerate launch -m`` or ``torchrun -m``, one ``--help`` that lists every task, and
 nothing imported but the chosen subcommand (each ``--help`` answers in well under a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import sys
+from pathlib import Path
 
 # name -> (module with main(argv), one line for `lat --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 def usage() -> str:
     """The text of ``lat --help``."""
     width = max(map(len, COMMANDS))
-    lines = [__doc__.split("\n\n")[0].strip("`"), "", "usage: lat COMMAND [options]   (lat COMMAND --help for its options)",
+    lines = [__doc__.split("\n\n")[0].replace("``", ""), "", "usage: lat COMMAND [options]   (lat COMMAND --help for its options)",
              "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     """Run ``lat COMMAND ...``: import only that command's module and call its ``main``.
 
     Raises:
-        SystemExit: 2 with the list of commands (and a close match) for an unknown one.
+        SystemExit: 2 with the list of commands (and a close match) for an unknown one;
+            1 with one line after Ctrl-C. A command that fails removes the folders it
+            created and left empty (``missing_dirs``, ``remove_empty``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -62,4 +65,40 @@ def main(argv: list[str] | None = None) -> None:
         hint = f"; did you mean {close[0]}?" if close else ""
         sys.exit(f"lat: unknown command {name!r}{hint}\n\n{usage()}")
     sys.argv = [f"lat {name}", *rest]  # argparse's prog, and the resume hint, name the subcommand
-    importlib.import_module(COMMANDS[name][0]).main(rest)
+    new_dirs = missing_dirs(rest)
+    try:
+        importlib.import_module(COMMANDS[name][0]).main(rest)
+    except BaseException as exc:  # a failure (exit status != 0, an error, Ctrl-C): no empty folder stays behind
+        if not (isinstance(exc, SystemExit) and exc.code in (0, None)):
+            remove_empty(new_dirs)
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C outside a training loop (which checkpoints and stops)
+            sys.exit(f"lat {name}: interrupted")  # one line, exit status 1, no traceback
+        raise
+
+
+def missing_dirs(argv: list[str]) -> list[Path]:
+    """The paths that ``argv``'s path-like arguments name, with their parents, that do not exist yet.
+
+    Every argument that is not a flag or a ``key=value`` override counts (``--out=DIR``
+    too): a command that fails removes those of them it created and left empty
+    (``remove_empty``), whatever its options are called.
+    """
+    found = []
+    for token in argv:
+        value = token.split("=", 1)[1] if token.startswith("--") and "=" in token else token
+        if not value or value.startswith("-") or (not token.startswith("--") and "=" in value):
+            continue
+        path = Path(value)
+        while path != path.parent and not path.exists():
+            found.append(path)
+            path = path.parent
+    return found
+
+
+def remove_empty(paths: list[Path]) -> None:
+    """Remove each of ``paths`` that is now an empty folder, deepest first (nothing else is touched)."""
+    for path in sorted(set(paths), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only an empty folder; a file or a folder with content stays
+        except OSError:
+            pass

@@ -92,7 +92,7 @@ class NoiseConfig:
     # Sampler saved in pipeline/ and used for the training-time sample grids: for epsilon
     # and v_prediction ddim (eta 0) | ddpm (ancestral, the training chain) | dpm | euler;
     # for flow flow_euler | flow_heun (diffusers' FlowMatchEuler/HeunDiscreteScheduler).
-    # null: the objective's default, ddim or flow_euler. sample_ldm.py can swap it.
+    # null: the objective's default, ddim or flow_euler. lat sample-ldm --scheduler can swap it.
     pipeline_scheduler: Optional[str] = None
     # How sampling picks its timesteps: trailing (starts at t = T, Lin et al. 2024) |
     # leading (SD 1.x) | linspace.
@@ -124,7 +124,7 @@ class DataConfig:
     # shift_factor null: 0.0, as SD 1.x/2.x. (The cache's index.json records the latents'
     # mean as its shift_factor; pass that for an SD3-style centred latent space.)
     scaling_factor: Optional[float] = None
-    shift_factor: Optional[float] = None  # see above: subtracted from z before scaling
+    shift_factor: Optional[float] = None  # subtracted from z before scaling_factor multiplies it; null: 0.0
     batch_size: int = 64  # per process
     # Latents are small and memory-mapped: 0 reads them in the main process (needed for a
     # bit-exact resume, since the posterior draws then come from the checkpointed RNG).

@@ -33,6 +33,7 @@ file per image, a scale factor from one batch, no record of the VAE).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -453,6 +454,28 @@ class _ShardWriter:
         self._check()
 
 
+def _is_cache_file(name: str) -> bool:
+    """Whether a file name in a cache folder is one ``encode_latents`` writes (or a temporary of it)."""
+    return (name in (MANIFEST_FILE, INDEX_FILE) or fnmatch.fnmatch(name, "shard-*.safetensors")
+            or any(fnmatch.fnmatch(name, pattern) for pattern in _LEFTOVERS))
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, or a folder holding anything but a latent cache's files.
+
+    Raises:
+        FileExistsError: naming the files (a training run's checkpoints, say): nothing is
+            written beside them, and ``--overwrite`` never removes them.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if not _is_cache_file(p.name)) if out.is_dir() else []
+    if foreign:
+        listing = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(f"--out {out} is not empty and holds files that are not a latent cache's ({listing}); "
+                              f"choose another --out (--overwrite removes only a cache's own files)")
+
+
 def _check_manifest(out: Path, plan: dict[str, Any]) -> bool:
     """Compare a cache dir's manifest with this run's plan. True if one exists (a resume).
 
@@ -463,10 +486,12 @@ def _check_manifest(out: Path, plan: dict[str, Any]) -> bool:
     path = out / MANIFEST_FILE
     if not path.is_file():
         if (out / INDEX_FILE).is_file() or any(out.glob("shard-*.safetensors")):
-            raise ValueError(f"{out} holds shards or an index.json but no {MANIFEST_FILE}; choose another --out or delete {out}")
+            raise ValueError(f"{out} holds shards or an index.json but no {MANIFEST_FILE}; pass --overwrite to "
+                             f"encode it afresh, or choose another --out")
         return False
     old = json.loads(path.read_text())
-    advice = f"Rerun with the arguments it was made with to resume it, or choose another --out (or delete {out})."
+    advice = ("Rerun with the arguments it was made with to resume it, pass --overwrite to encode it afresh, "
+              "or choose another --out.")
     if old.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out} holds a cache of format_version {old.get('format_version')}, this code writes {FORMAT_VERSION}. {advice}")
     if old["vae"]["sha256"] != plan["vae"]["sha256"]:
@@ -503,6 +528,7 @@ def encode_latents(
     split: str = "train",
     image_column: str | None = None,
     label_column: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Encode an image folder, the demo photos or a ``datasets`` source into a latent cache at ``out``.
 
@@ -531,7 +557,8 @@ def encode_latents(
     Args:
         vae_path: a diffusers ``AutoencoderKL`` folder or a stage-1 output dir (``load_vae``).
         data: an image folder (labels from class subfolders, see ``list_sources``) or ``"demo"``.
-        out: the cache folder; created, or resumed when it holds a partial cache.
+        out: the cache folder: created, or resumed when it holds a partial cache of the
+            same arguments. A folder holding other files is refused.
         resolution: side of the square crops in pixels; a multiple of the VAE's factor.
         hflip: also store each image's mirror view (rows interleaved: row 2k + 1 mirrors
             row 2k).
@@ -546,12 +573,15 @@ def encode_latents(
         cpu_threads: intra-op threads per process on CPU; None: the cores / processes.
         data_files, split, image_column, label_column: for ``hf:`` sources only, as
             ``open_hf_source``.
+        overwrite: remove the cache files already in ``out`` (of any arguments) and
+            encode afresh; other files are never removed.
     Returns:
         The index dict (as written to ``index.json``), on every process.
     Raises:
         FileNotFoundError: if ``vae_path`` or ``data`` does not exist.
+        FileExistsError: if ``out`` is a file or holds files that are not a cache's.
         ValueError: on a bad argument, a resolution the VAE cannot divide, or an ``out``
-            made with another VAE, other settings or other sources.
+            made with another VAE, other settings or other sources (without ``overwrite``).
         RuntimeError: if writing a shard fails.
     """
     if dtype not in DTYPES:
@@ -561,6 +591,7 @@ def encode_latents(
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     out = Path(out)
+    _check_out_folder(out)  # before any work: never beside a training run's files
     if accelerator is None:
         accelerator = build_accelerator(out, "no", 1)
     threads = set_cpu_threads(accelerator, cpu_threads)
@@ -593,12 +624,14 @@ def encode_latents(
     plan["plan_sha256"] = hashlib.sha256(
         json.dumps({k: v for k, v in plan.items() if k != "vae"} | {"vae": plan["vae"]["sha256"]}, sort_keys=True).encode()
     ).hexdigest()
-    resumed = _check_manifest(out, plan) if out.is_dir() else False
+    resumed = _check_manifest(out, plan) if out.is_dir() and not overwrite else False
+    accelerator.wait_for_everyone()  # every rank has checked the folder before the main process changes it
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        for pattern in _LEFTOVERS:  # temporaries of a killed run; nobody writes yet
+        for pattern in _LEFTOVERS if not overwrite else ("*",):  # temporaries of a killed run; nobody writes yet
             for tmp in out.glob(pattern):
-                tmp.unlink()
+                if _is_cache_file(tmp.name):  # --overwrite: every file of the earlier cache
+                    tmp.unlink()
         if not resumed:
             write_atomic(out / MANIFEST_FILE, json.dumps(plan, indent=1))
     accelerator.wait_for_everyone()
@@ -607,8 +640,10 @@ def encode_latents(
     accelerator.wait_for_everyone()  # everyone has listed the shards before anyone writes one
     mine = missing[rank::world]
     logger.info(
-        "%s: %d sources in %d shards of %d; %d finished%s, %d to encode (%d on rank %d of %d, device %s, %d threads)",
-        out, len(sources), num_shards, shard_size, num_shards - len(missing), " (resumed)" if resumed else "",
+        "%s: %s; %d finished%s, %d to encode (%d on rank %d of %d, device %s, %d threads)", out,
+        f"{num_shards} input shards, one cache shard each" if shard_size is None  # a stream: rows not counted yet
+        else f"{len(sources)} sources in {num_shards} shards of {shard_size}",
+        num_shards - len(missing), " (resumed)" if resumed else "",
         len(missing), len(mine), rank, world, accelerator.device, threads,
     )
 

@@ -580,7 +580,7 @@ def evaluate_ldm(
         samples_dir = out.with_name(f"{out.stem}_samples")
         result = sample(pipeline, samples_dir, n, steps=steps, scheduler=scheduler, class_label=class_label,
                         guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, device=dev,
-                        progress=progress, shift=shift)
+                        progress=progress, shift=shift, overwrite=True)  # its own folder: a rerun replaces it
         gen = load_samples(samples_dir, resolution, result["paths"])
         settings = {k: v for k, v in result["settings"].items() if k != "model"}  # the model is in report["model"]
         sampling = {"generated": True, "folder": str(samples_dir), "seconds": round(result["seconds"], 2), **settings}

@@ -4,6 +4,12 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]          on a machine with one CUDA GPU (about 5-8 min)
 #   bash scripts/gpu_check.sh --cpu-smoke DIR    the same steps on CPU, compile and benchmark
 #                                                skipped: checks the script itself (about 3 min)
+#   bash scripts/gpu_check.sh --help             this text
+#
+# The Python it runs: $PYTHON if set, else the active virtual environment's ($VIRTUAL_ENV),
+# else the one the `lat` command on PATH runs with (its #! line), else this checkout's
+# .venv, else python3 on PATH. It says which, and stops (exit 2) if that one cannot
+# import torch and this project, or (without --cpu-smoke) sees no CUDA device.
 #
 # Writes OUT_DIR/gpu_check.json: one entry per case (command, exit status, seconds, the last
 # lines of its output) plus the environment, and OUT_DIR/bench_train_vae_kl-f8.json from
@@ -14,17 +20,48 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=0
-if [[ "${1:-}" == "--cpu-smoke" ]]; then smoke=1; shift; fi
-out=${1:-${OUT:-runs/gpu-check}}
-mkdir -p "$out"
-py=${PYTHON:-python}
-log="$out/cases.tsv"
-: > "$log"
+out=""
+while (( $# )); do
+  case $1 in
+    -h|--help) sed -n '2,/^set -uo pipefail/{/^set -uo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+    --cpu-smoke) smoke=1 ;;
+    -*) echo "gpu_check: unknown option $1 (see bash scripts/gpu_check.sh --help)" >&2; exit 2 ;;
+    *) if [[ -n $out ]]; then echo "gpu_check: one OUT_DIR only, got $out and $1" >&2; exit 2; fi; out=$1 ;;
+  esac
+  shift
+done
+out=${out:-${OUT:-runs/gpu-check}}
 
-if [[ $smoke == 0 ]] && ! $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "gpu_check: no CUDA device (use --cpu-smoke to check the script on a CPU)" >&2
+# The project's interpreter (see the header), and where it came from.
+lat_python() {  # the interpreter in the #! line of the lat command on PATH, if it is one
+  local lat line
+  lat=$(command -v lat) || return 1
+  IFS= read -r line < "$lat" || return 1
+  line=${line#\#!}
+  [[ $line == /* && -x ${line%% *} && ${line%% *} == *python* ]] && echo "${line%% *}"
+}
+if [[ -n ${PYTHON:-} ]]; then py=$PYTHON; from="\$PYTHON"
+elif [[ -n ${VIRTUAL_ENV:-} && -x $VIRTUAL_ENV/bin/python ]]; then py=$VIRTUAL_ENV/bin/python; from="\$VIRTUAL_ENV"
+elif py=$(lat_python); then from="the #! line of $(command -v lat)"
+elif [[ -x .venv/bin/python ]]; then py=$PWD/.venv/bin/python; from="this checkout's .venv"
+else py=$(command -v python3 || command -v python || echo python3); from="PATH"
+fi
+echo "gpu_check: python $py (from $from)"
+if ! why=$($py -c "import torch, lat, sys; print(torch.__version__)" 2>&1); then
+  echo "gpu_check: $py cannot import torch and this project: ${why##*$'\n'}; set PYTHON=/path/to/venv/bin/python" >&2
   exit 2
 fi
+if [[ $smoke == 0 ]] && ! why=$($py -c "
+import sys, torch
+if not torch.cuda.is_available():
+    built = f'built for CUDA {torch.version.cuda}' if torch.version.cuda else 'a CPU-only build'
+    sys.exit(f'torch {torch.__version__} ({built}) sees no CUDA device')" 2>&1); then
+  echo "gpu_check: no CUDA device: $py: $why (use --cpu-smoke to check the script on a CPU)" >&2
+  exit 2
+fi
+mkdir -p "$out"
+log="$out/cases.tsv"
+: > "$log"
 
 # run NAME COMMAND...: time one case, keep its exit status and the tail of its output.
 run() {

@@ -28,7 +28,7 @@ def test_unknown_key_lists_valid_keys_and_suggests_the_close_one():
     msg = str(err.value)
     assert "unknown config key 'train.max_step'" in msg
     assert "did you mean train.max_steps" in msg
-    assert "loss.kl_weight" in msg and "data.resolution" in msg  # the valid keys are listed
+    assert msg.endswith("did you mean train.max_steps or train.log_steps?")  # the hint last: no list of keys after it
 
 
 def test_unknown_key_in_yaml_names_the_file(tmp_path):

@@ -173,7 +173,7 @@ def test_a_hub_id_offline_says_so_and_how_to_download_it(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(FileNotFoundError, match=r"this machine is offline .*huggingface-cli download stabilityai/sd-vae-ft-mse"):
+    with pytest.raises(FileNotFoundError, match=r"this machine is offline .*hf download stabilityai/sd-vae-ft-mse"):
         load_vae("stabilityai/sd-vae-ft-mse")
 
 

@@ -121,7 +121,7 @@ def test_config_errors_name_the_key_and_list_the_valid_ones(tmp_path):
         load_config(None, ["model.block_out_channel=[8]"])
     msg = str(err.value)
     assert "unknown config key 'model.block_out_channel'" in msg and "did you mean model.block_out_channels" in msg
-    assert "noise.snr_gamma" in msg and "data.latents" in msg  # valid keys listed
+    assert msg.endswith("did you mean model.block_out_channels?")  # the hint last, no list of keys after it
     with pytest.raises(ValueError, match=r"bad value for config key 'train.max_steps'.*'many'"):
         load_config(None, ["train.max_steps=many"])
     with pytest.raises(ValueError, match=r"'noise.prediction_type' must be one of \['epsilon', 'v_prediction', 'flow'\]"):

@@ -1,11 +1,13 @@
 """Measure throughput: warm-up, then the median and spread over repeats, into a JSON file.
 
-  python scripts/benchmark.py --what train_vae --baseline --out bench.json
-  python scripts/benchmark.py --what train_ldm --baseline
-  python scripts/benchmark.py --what sample --baseline
-  python scripts/benchmark.py --what vae_tiling
-  python scripts/benchmark.py --what encode --vae runs/vae-demo/vae --data /data/photos --resolution 128
-  python scripts/benchmark.py --what startup --num-images 100000
+  lat benchmark --what train_vae --baseline --out bench.json
+  lat benchmark --what train_ldm --baseline
+  lat benchmark --what sample --baseline
+  lat benchmark --what vae_tiling
+  lat benchmark --what encode --vae runs/vae-demo/vae --data /data/photos --resolution 128
+  lat benchmark --what startup --num-images 100000
+
+(From a checkout, scripts/benchmark.py takes the same arguments.)
 
 Every --what prints a table at the end (one row per case: items/s as the median of the
 timed repeats with the min-max range, steps/s, model GFLOP per item, the TFLOP/s that

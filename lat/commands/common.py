@@ -24,8 +24,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, stage: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help="remove an earlier run's files in the output dir first")
     parser.add_argument("--push-to-hub", metavar="REPO_ID",
                         help="after training, upload the exported model (with its model card) to this Hugging Face "
-                             "Hub repository (created if missing; needs `huggingface-cli login` or HF_TOKEN)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+                             "Hub repository (created if missing; needs `hf auth login` or HF_TOKEN)")
+    parser.add_argument("--dry-run", action="store_true", help="print the output dir and the resolved config, and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=200")
 
 
@@ -38,10 +38,11 @@ def load_or_exit(load: Callable[..., Any], config: str, stage: str, overrides: l
         sys.exit(2)
 
 
-def print_dry_run(cfg: Any) -> None:
-    """``--dry-run``: the resolved config as YAML."""
+def print_dry_run(cfg: Any, output_dir: str) -> None:
+    """``--dry-run``: the output dir (a YAML comment) and the resolved config as YAML."""
     from omegaconf import OmegaConf
 
+    print(f"# output dir: {output_dir}")
     print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
 
 
@@ -58,12 +59,12 @@ def run_training(module: str, cfg: Any, args: argparse.Namespace, default_output
     Returns:
         The training summary (every process), or None after ``--dry-run``.
     """
+    output_dir = args.output_dir or default_output_dir
     if args.dry_run:
-        return print_dry_run(cfg)
+        return print_dry_run(cfg, output_dir)
     train = importlib.import_module(module).main
     from autoencoderkl.faults import TrainingStopped
 
-    output_dir = args.output_dir or default_output_dir
     try:
         summary = train(cfg, output_dir, resume=args.resume, overwrite=args.overwrite)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:

@@ -12,7 +12,8 @@
 Writes LATENTS/shard-NNNNN.safetensors (posterior mean and std of every image, labels when
 --data has class subfolders) and LATENTS/index.json (source paths in order, settings, the
 VAE's config and weight hash, per-channel statistics, scaling_factor). Rerunning the same
-command after an interruption keeps the finished shards and encodes only the rest.
+command after an interruption keeps the finished shards and encodes only the rest; a
+cache of other arguments needs --overwrite, and a folder of other files another --out.
 """
 
 import argparse
@@ -26,7 +27,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, or a train_vae.py output dir (its vae/)")
+    parser.add_argument("--vae", required=True, help="diffusers AutoencoderKL folder, or a lat train-vae output dir (its vae/)")
     parser.add_argument("--data", required=True,
                         help="image folder (searched recursively; class subfolders become labels), or 'demo': "
                              "tiles of the photos scikit-image ships, labelled by photo (a folder named demo: ./demo), "
@@ -34,7 +35,12 @@ def parse_args(argv=None):
                              "a local folder, or a builder (webdataset, parquet, imagefolder) with --data-files; "
                              "'hf:' alone takes the builder from the files' extension. One cache shard per input "
                              "shard (tar or parquet file); --shard-size is then unused")
-    parser.add_argument("--out", required=True, help="the cache folder (created, or resumed if it holds an unfinished cache)")
+    parser.add_argument("--out", required=True,
+                        help="the cache folder: created, or resumed if it holds an unfinished cache of the same "
+                             "arguments; a folder holding other files is refused")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove a cache already in --out (made with other arguments) and encode afresh; "
+                             "other files are never removed")
     parser.add_argument("--resolution", type=int, default=256,
                         help="square crop side in pixels: shorter side resized to it, centre crop (default: 256)")
     parser.add_argument("--hflip", action="store_true", help="also store each image's left-right mirror view")
@@ -64,8 +70,9 @@ def main(argv=None):
             args.vae, args.data, args.out, resolution=args.resolution, hflip=args.hflip, batch_size=args.batch_size,
             dtype=args.dtype, num_workers=args.num_workers, shard_size=args.shard_size, cpu_threads=args.cpu_threads,
             data_files=args.data_files, split=args.split, image_column=args.image_column, label_column=args.label_column,
+            overwrite=args.overwrite,
         )
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     if int(os.environ.get("RANK", "0")) == 0:  # every process returns the index; one prints
         labels = f", {len(index['classes'])} classes" if "classes" in index else ""

@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lat.commands.args import class_label
+from lat.commands.args import check_device, class_label
 from latent_diffusion.config import SAMPLERS  # light: no torch or diffusers import
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="eval_ldm.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of train_ldm.py) or the run's output dir")
+    parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of lat train-ldm) or the run's output dir")
     parser.add_argument("--reference", required=True, help="the training images: an image folder or the latent cache the model trained on")
     parser.add_argument("--out", default="report.json", help="the report (default report.json); files named after it go beside it")
     parser.add_argument("--num-images", type=int, help="images to generate (default: as many as the reference has)")
@@ -66,6 +66,8 @@ def _figure(value) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from latent_diffusion.evaluate import evaluate_ldm  # heavy imports after --help
+
+    check_device(args.device)
 
     try:
         report = evaluate_ldm(args.model, args.reference, out=args.out, num_images=args.num_images, samples=args.samples,

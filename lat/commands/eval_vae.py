@@ -24,6 +24,8 @@ import argparse
 import json
 import sys
 
+from lat.commands.args import check_device
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -90,6 +92,7 @@ def main(argv=None):
     from autoencoderkl.evaluate import evaluate_vae, latent_statistics, write_config_with_latent_stats, write_json
     from autoencoderkl.model import load_vae
 
+    check_device(args.device)
     common = dict(resolution=args.resolution, batch_size=args.batch_size, max_images=args.max_images,
                   num_workers=args.num_workers, device=args.device, progress=not args.quiet)
     try:

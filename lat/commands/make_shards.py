@@ -6,6 +6,8 @@
 (From a checkout, scripts/make_shards.py takes the same arguments.)
 
 Class subfolders become labels (KEY.cls; the sorted subfolder names are the classes).
+Every image is decoded once as it is packed: unreadable files (not an image, truncated)
+are skipped, named and counted in OUT/index.json, as training skips them.
 Each image's bytes are stored untouched (KEY.jpg, KEY.png, ...; --image-format png for a
 folder of mixed formats). OUT/index.json lists the splits, their shard files, sample
 counts and sha256. Train on the shards with
@@ -58,3 +60,5 @@ def main(argv: list[str] | None = None) -> None:
     for split, info in index["splits"].items():
         print(f"{args.out}/{info['pattern']}: {info['num_samples']} images in {len(info['shards'])} shards "
               f"({split}{labels}, field {index['image_field']})")
+    if index["num_skipped"]:
+        print(f"skipped {index['num_skipped']} unreadable files (listed in {args.out}/index.json)")

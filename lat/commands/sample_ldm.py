@@ -7,7 +7,8 @@
 (From a checkout, scripts/sample_ldm.py takes the same arguments.)
 
 Writes OUT/000000.png ... (one per image), OUT/grid.png (the first 64) and
-OUT/sampling.json (the settings). Image i of seed S draws its noise from its own
+OUT/sampling.json (the settings). OUT must be new or empty, or hold the samples of the
+same command (rewritten); earlier samples of other settings need --overwrite. Image i of seed S draws its noise from its own
 generator seeded (S, i): the same --seed gives the same files (with another
 --batch-size, the same images up to float rounding).
 """
@@ -17,7 +18,7 @@ import sys
 
 from latent_diffusion.config import SAMPLERS
 
-from .args import class_label
+from .args import check_device, class_label
 
 
 def parse_args(argv=None):
@@ -25,7 +26,10 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="pipeline folder (OUTPUT_DIR/pipeline of lat train-ldm) or the run's output dir")
     parser.add_argument("--num-images", type=int, required=True, help="how many images to generate")
-    parser.add_argument("--out", required=True, help="folder for the PNGs (created)")
+    parser.add_argument("--out", required=True,
+                        help="folder for the PNGs: new or empty (or earlier samples of the same command, rewritten)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace earlier samples of other settings in --out (other files are never removed)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
     parser.add_argument("--scheduler", choices=SAMPLERS,
                         help="for epsilon/v_prediction models ddim (eta 0), ddpm (ancestral), dpm (DPM-Solver++ 2M) "
@@ -47,11 +51,13 @@ def main(argv=None):
     args = parse_args(argv)
     from latent_diffusion.sample import sample  # heavy imports after --help
 
+    check_device(args.device)
+
     try:
         result = sample(args.model, args.out, args.num_images, steps=args.steps, scheduler=args.scheduler,
                         class_label=args.class_label, guidance_scale=args.guidance_scale, seed=args.seed,
-                        batch_size=args.batch_size, device=args.device, shift=args.shift)
-    except (FileNotFoundError, ValueError) as exc:
+                        batch_size=args.batch_size, device=args.device, shift=args.shift, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(f"wrote {len(result['paths'])} images ({result['images_per_sec']:.2f} images/s) and {result['grid']}")
 
