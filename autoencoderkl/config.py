@@ -116,6 +116,10 @@ class DataConfig:
     # data.source=demo has its own fixed held-out photos.
     val_dir: Optional[str] = None
     num_val_images: int = 8  # held-out images for val/psnr, val/ssim and the grids
+    # Training images (evenly spaced over the training list, cropped as the validation
+    # images are) also reconstructed at each validation: val/train_psnr, val/train_ssim
+    # beside val/psnr, so overfitting shows in the curves. 0 = off; data.source=hf: off.
+    num_train_val_images: int = 8
     resolution: int = 256  # square crop side in pixels; divisible by 8
     # Shorter side in pixels after resizing, before cropping; null = resolution
     # (the whole image, as SD trains). Larger values train on crops at higher detail.
@@ -462,6 +466,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
     if d.source == "hf":
         check_hf_data(d)
     check_loop_config(cfg, extra_positive=("data.val_grid", "data.num_val_images"))
+    if d.num_train_val_images < 0:
+        raise ValueError(f"data.num_train_val_images must be >= 0 (0 = off), got {d.num_train_val_images}")
     if cfg.loss.equivariance_weight < 0:
         raise ValueError(f"loss.equivariance_weight must be >= 0 (0 = off), got {cfg.loss.equivariance_weight}")
     if not 0.0 <= cfg.loss.equivariance_prob <= 1.0:
