@@ -355,7 +355,7 @@ def evaluate_vae(
     present. Unavailable metrics are ``"unavailable"`` with the reason in ``notes``.
 
     Beside them, on the same crops: the bicubic baseline (``metrics.bicubic_down_up`` by
-    the VAE's own factor f: PSNR, SSIM, LPIPS, colour error) and the VAE's margin over it
+    the VAE's own factor f: PSNR, SSIM, LPIPS, rFID, colour error) and the VAE's margin over it
     per image (``vs_bicubic``: margins and how many images the VAE wins); and the colour
     figure (``metrics.mean_colour_error``): the CIE76 distance between each image's mean
     L*a*b* colour and its reconstruction's, the mean shift over the set, and ``cast``,
@@ -418,8 +418,10 @@ def evaluate_vae(
     if lpips_net is not None:
         lpips_net = lpips_net.to(dev)
     fid_metric, fid_note = build_fid(fid, inception_weights)
+    fid_bicubic = None
     if fid_metric is not None:
         fid_metric = fid_metric.to(dev)
+        fid_bicubic = build_fid(fid, inception_weights)[0].to(dev)  # the baseline's own rFID
 
     files = _output_paths(Path(out))
     recon_dir = Path(save_reconstructions) if save_reconstructions is not None else None
@@ -458,6 +460,8 @@ def evaluate_vae(
         if fid_metric is not None:
             fid_metric.update(x8.to(torch.uint8), real=True)
             fid_metric.update(y8.to(torch.uint8), real=False)
+            fid_bicubic.update(x8.to(torch.uint8), real=True)
+            fid_bicubic.update(b8.to(torch.uint8), real=False)
         zd = z.double().cpu()
         z_sum += zd.sum((0, 2, 3))
         z_sq += (zd**2).sum((0, 2, 3))
@@ -496,9 +500,11 @@ def evaluate_vae(
 
     notes = {"lpips": lpips_note, "rfid": fid_note}
     rfid: Any = UNAVAILABLE
+    rfid_bicubic: Any = UNAVAILABLE
     if fid_metric is not None:
         try:
             rfid = float(fid_metric.compute())
+            rfid_bicubic = float(fid_bicubic.compute())
             if len(rows) < FID_RELIABLE_IMAGES:
                 notes["rfid"] += (f"; only {len(rows)} images (< {FID_RELIABLE_IMAGES} feature dimensions): "
                                   f"the estimate is biased upward, compare only at equal image counts")
@@ -526,6 +532,7 @@ def evaluate_vae(
                     "psnr": _summary([r["bicubic_psnr"] for r in rows]),
                     "ssim": _summary([r["bicubic_ssim"] for r in rows]),
                     "lpips": _summary([r["bicubic_lpips"] for r in rows]) if lpips_net is not None else UNAVAILABLE,
+                    "rfid": rfid_bicubic,
                     "colour_error": _summary([r["bicubic_colour_error"] for r in rows])},
         "vs_bicubic": {"psnr_margin": _summary([r["psnr_margin"] for r in rows]),
                        "ssim_margin": _summary([r["ssim"] - r["bicubic_ssim"] for r in rows]),

@@ -294,6 +294,8 @@ def test_rfid_is_computed_from_a_local_inception_file(tmp_path, vae_dir, random_
                           inception_weights=random_inception_weights, progress=False)
     assert isinstance(report["rfid"], float) and report["rfid"] >= 0
     assert "biased" in report["notes"]["rfid"]
+    # The bicubic baseline gets its own rFID against the same real images, a different number.
+    assert isinstance(report["bicubic"]["rfid"], float) and report["bicubic"]["rfid"] != report["rfid"]
     # A weights file holding pickled objects is refused before torch-fidelity unpickles it.
     torch.save({"net": argparse.Namespace()}, tmp_path / "evil.pth")
     fid, note = evaluate.build_fid("auto", tmp_path / "evil.pth")

@@ -145,6 +145,9 @@ def main(argv=None):
         if value == "unavailable":
             print(f"{name.upper()}: unavailable: {report['notes'][name]}")
         else:
-            print(f"{name.upper()}: {value['mean'] if isinstance(value, dict) else value:.4f}")
+            base = report["bicubic"][name]
+            base = base["mean"] if isinstance(base, dict) else base
+            base = f"{base:.4f}" if isinstance(base, float) else base
+            print(f"{name.upper()}: {value['mean'] if isinstance(value, dict) else value:.4f} (bicubic {base})")
     print(f"wrote {args.out or 'report.json'}, {report['files']['csv']}, {report['files']['worst']}")
 
