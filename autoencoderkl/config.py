@@ -140,6 +140,10 @@ class DataConfig:
     # data.source=demo has its own fixed held-out photos.
     val_dir: Optional[str] = None
     num_val_images: int = 8  # held-out images for val/psnr, val/ssim and the grids
+    # Training images (evenly spaced over the training list, cropped as the validation
+    # images are) also reconstructed at each validation: val/train_psnr, val/train_ssim
+    # beside val/psnr, so overfitting shows in the curves. 0 = off; data.source=hf: off.
+    num_train_val_images: int = 8
     resolution: int = 256  # square crop side in pixels; divisible by 8
     # Shorter side in pixels after resizing, before cropping; null = resolution
     # (the whole image, as SD trains). Larger values train on crops at higher detail.
@@ -504,6 +508,8 @@ def load_config(yaml_path: str | os.PathLike | None = None, overrides: list[str]
         if not 0.0 <= getattr(cfg.loss, key) <= 1.0:
             raise ValueError(f"loss.{key} must lie in [0, 1], got {getattr(cfg.loss, key)}")
     check_alignment(cfg)
+    if d.num_train_val_images < 0:
+        raise ValueError(f"data.num_train_val_images must be >= 0 (0 = off), got {d.num_train_val_images}")
     return cfg
 
 

@@ -4,7 +4,8 @@ Reading order of this file:
 
 1. ``EvalImages``: image files -> centre crops, as ``ImageFolder(train=False)`` makes them.
 2. ``build_lpips`` / ``build_fid``: the optional metrics, or the reason they are unavailable.
-3. ``evaluate_vae``: encode with the posterior mode, decode, compare in 8 bits; writes
+3. ``evaluate_vae``: encode with the posterior mode, decode, compare in 8 bits, beside the
+   bicubic baseline (down and up by the VAE's factor) and the mean-colour error; writes
    ``report.json``, a per-image CSV and a PNG of the worst reconstructions.
 4. ``latent_statistics`` / ``write_config_with_latent_stats``: mean and std of posterior
    samples -> ``scaling_factor`` (and ``shift_factor``) in a copy of the VAE's config.
@@ -47,7 +48,7 @@ from tqdm.auto import tqdm
 from .atomic import write_atomic
 from .data import ImageFolder, list_images, load_rgb, png_bytes, to_tensor
 from .losses import build_perceptual
-from .metrics import psnr_ssim_8bit, to_uint8_range
+from .metrics import COLOUR_JND, bicubic_down_up, mean_colour_error, psnr_ssim_8bit, to_uint8_range
 from .model import load_vae, vae_weights_sha256
 
 logger = logging.getLogger(__name__)
@@ -273,25 +274,28 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def worst_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray]], gain: int = DIFF_GAIN) -> Image.Image:
-    """One row per image: input | reconstruction | |difference| x gain, under a caption.
+def worst_grid(rows: Sequence[tuple[Any, ...]], gain: int = DIFF_GAIN) -> Image.Image:
+    """One row per image: input | reconstruction [| baseline] | |difference| x gain, captioned.
 
     Args:
-        rows: ``(caption, input, reconstruction)``; arrays (H, W, 3) uint8.
+        rows: ``(caption, input, reconstruction)`` or ``(caption, input, reconstruction,
+            baseline)`` (e.g. the bicubic baseline); arrays (H, W, 3) uint8. The
+            difference panel is |input - reconstruction|.
         gain: amplification of the absolute difference (clipped to 255).
     Returns:
         An RGB ``PIL.Image``.
     """
     h, w = rows[0][1].shape[:2]
     pad, cap = 4, 16
-    width = max(3 * w + 4 * pad, 320)
+    panels = max(len(r) for r in rows)  # caption + images; the difference is one more panel
+    width = max(panels * w + (panels + 1) * pad, 320)
     sheet = Image.new("RGB", (width, len(rows) * (h + cap + pad) + pad), "white")
     draw, font = ImageDraw.Draw(sheet), _font(12)
-    for i, (caption, x, y) in enumerate(rows):
+    for i, (caption, x, y, *baseline) in enumerate(rows):
         top = pad + i * (h + cap + pad)
         draw.text((pad, top), caption, fill="black", font=font)
         diff = np.clip(np.abs(x.astype(np.int16) - y.astype(np.int16)) * gain, 0, 255).astype(np.uint8)
-        for j, panel in enumerate((x, y, diff)):
+        for j, panel in enumerate((x, y, *baseline, diff)):
             sheet.paste(Image.fromarray(panel), (pad + j * (w + pad), top + cap))
     return sheet
 
@@ -350,9 +354,17 @@ def evaluate_vae(
     and positions; rFID between inputs and reconstructions when the Inception weights are
     present. Unavailable metrics are ``"unavailable"`` with the reason in ``notes``.
 
+    Beside them, on the same crops: the bicubic baseline (``metrics.bicubic_down_up`` by
+    the VAE's own factor f: PSNR, SSIM, LPIPS, rFID, colour error) and the VAE's margin over it
+    per image (``vs_bicubic``: margins and how many images the VAE wins); and the colour
+    figure (``metrics.mean_colour_error``): the CIE76 distance between each image's mean
+    L*a*b* colour and its reconstruction's, the mean shift over the set, and ``cast``,
+    true when the mean error exceeds ``metrics.COLOUR_JND`` (2.3, just noticeable).
+
     Files written (each atomically): ``out`` (the report as JSON), ``<stem>_per_image.csv``
     and ``<stem>_worst8.png`` beside it (the 8 lowest-PSNR images: input | reconstruction |
-    |difference| x ``DIFF_GAIN``), and with ``save_reconstructions`` one PNG per image.
+    bicubic | |input - reconstruction| x ``DIFF_GAIN``), and with ``save_reconstructions``
+    one PNG per image.
 
     Args:
         vae: a model, or any path ``load_vae`` accepts (diffusers folder, training output
@@ -406,8 +418,10 @@ def evaluate_vae(
     if lpips_net is not None:
         lpips_net = lpips_net.to(dev)
     fid_metric, fid_note = build_fid(fid, inception_weights)
+    fid_bicubic = None
     if fid_metric is not None:
         fid_metric = fid_metric.to(dev)
+        fid_bicubic = build_fid(fid, inception_weights)[0].to(dev)  # the baseline's own rFID
 
     files = _output_paths(Path(out))
     recon_dir = Path(save_reconstructions) if save_reconstructions is not None else None
@@ -415,7 +429,7 @@ def evaluate_vae(
         recon_dir.mkdir(parents=True, exist_ok=True)
 
     rows: list[dict[str, Any]] = []
-    worst: list[tuple[float, int, str, np.ndarray, np.ndarray]] = []  # max-heap by -PSNR
+    worst: list[tuple[float, int, str, np.ndarray, np.ndarray, np.ndarray]] = []  # max-heap by -PSNR
     c = model.config.latent_channels
     z_sum = torch.zeros(c, dtype=torch.float64)
     z_sq = torch.zeros(c, dtype=torch.float64)
@@ -435,11 +449,19 @@ def evaluate_vae(
         x_hat = model.decode(z).sample.float()  # (B, 3, R, R), unclamped
         psnr, ssim = psnr_ssim_8bit(x, x_hat)
         kl = posterior.kl().float()  # (B,) nats, summed over (c, h, w)
-        x8, y8 = to_uint8_range(x), to_uint8_range(x_hat)  # (B, 3, R, R) integers in [0, 255]
+        x_bic = bicubic_down_up(x, f)  # (B, 3, R, R): the baseline, by the VAE's own factor
+        psnr_bic, ssim_bic = psnr_ssim_8bit(x, x_bic)
+        colour_err, colour_shift = mean_colour_error(x, x_hat)  # (B,), (B, 3) in L*a*b*
+        colour_err_bic, _ = mean_colour_error(x, x_bic)
+        x8, y8, b8 = to_uint8_range(x), to_uint8_range(x_hat), to_uint8_range(x_bic)  # (B, 3, R, R) in [0, 255]
         lp = lpips_net(x8 / 127.5 - 1, y8 / 127.5 - 1).flatten() if lpips_net is not None else None
+        lp_bic = lpips_net(x8 / 127.5 - 1, b8 / 127.5 - 1).flatten() if lpips_net is not None else None
+        rgb_in, rgb_out = x8.mean((2, 3)).cpu(), y8.mean((2, 3)).cpu()  # (B, 3) mean 8-bit colour
         if fid_metric is not None:
             fid_metric.update(x8.to(torch.uint8), real=True)
             fid_metric.update(y8.to(torch.uint8), real=False)
+            fid_bicubic.update(x8.to(torch.uint8), real=True)
+            fid_bicubic.update(b8.to(torch.uint8), real=False)
         zd = z.double().cpu()
         z_sum += zd.sum((0, 2, 3))
         z_sq += (zd**2).sum((0, 2, 3))
@@ -447,16 +469,24 @@ def evaluate_vae(
         z_mean, z_std = z.mean((2, 3)).cpu(), z.std((2, 3), unbiased=False).cpu()  # (B, c)
         x8n = x8.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()  # (B, R, R, 3)
         y8n = y8.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+        b8n = b8.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
         for b, it in enumerate(items):
             path = paths[it["index"]]
             row = {"index": it["index"], "path": str(path), "width": it["width"], "height": it["height"],
                    "upscaled": min(it["width"], it["height"]) < resolution,
                    "psnr": float(psnr[b]), "ssim": float(ssim[b]),
-                   "lpips": float(lp[b]) if lp is not None else None, "kl": float(kl[b])}
+                   "lpips": float(lp[b]) if lp is not None else None, "kl": float(kl[b]),
+                   "bicubic_psnr": float(psnr_bic[b]), "bicubic_ssim": float(ssim_bic[b]),
+                   "bicubic_lpips": float(lp_bic[b]) if lp_bic is not None else None,
+                   "psnr_margin": float(psnr[b] - psnr_bic[b]),
+                   "colour_error": float(colour_err[b]), "bicubic_colour_error": float(colour_err_bic[b])}
+            row.update({f"colour_shift_{k}": float(colour_shift[b, i]) for i, k in enumerate(("L", "a", "b"))})
+            row.update({f"mean_rgb_{k}": float(rgb_in[b, i]) for i, k in enumerate("rgb")})
+            row.update({f"rec_mean_rgb_{k}": float(rgb_out[b, i]) for i, k in enumerate("rgb")})
             row.update({f"z_mean_{k}": float(z_mean[b, k]) for k in range(c)})
             row.update({f"z_std_{k}": float(z_std[b, k]) for k in range(c)})
             rows.append(row)
-            entry = (-row["psnr"], it["index"], path.name, x8n[b], y8n[b])
+            entry = (-row["psnr"], it["index"], path.name, x8n[b], y8n[b], b8n[b])
             if len(worst) < WORST_N:
                 heapq.heappush(worst, entry)
             elif entry > worst[0]:
@@ -470,9 +500,11 @@ def evaluate_vae(
 
     notes = {"lpips": lpips_note, "rfid": fid_note}
     rfid: Any = UNAVAILABLE
+    rfid_bicubic: Any = UNAVAILABLE
     if fid_metric is not None:
         try:
             rfid = float(fid_metric.compute())
+            rfid_bicubic = float(fid_bicubic.compute())
             if len(rows) < FID_RELIABLE_IMAGES:
                 notes["rfid"] += (f"; only {len(rows)} images (< {FID_RELIABLE_IMAGES} feature dimensions): "
                                   f"the estimate is biased upward, compare only at equal image counts")
@@ -480,6 +512,7 @@ def evaluate_vae(
             notes["rfid"] = f"could not be computed: {exc}"
     mean = z_sum / z_count
     std = (z_sq / z_count - mean**2).clamp_min(0).sqrt()
+    colour_error = _summary([r["colour_error"] for r in rows])
     seconds = time.perf_counter() - t0
     report = {
         "format_version": REPORT_FORMAT_VERSION,
@@ -495,12 +528,35 @@ def evaluate_vae(
         "lpips": _summary([r["lpips"] for r in rows]) if lpips_net is not None else UNAVAILABLE,
         "rfid": rfid,
         "kl": _summary([r["kl"] for r in rows]),
+        "bicubic": {"factor": f, "thumbnail_px": resolution // f,
+                    "psnr": _summary([r["bicubic_psnr"] for r in rows]),
+                    "ssim": _summary([r["bicubic_ssim"] for r in rows]),
+                    "lpips": _summary([r["bicubic_lpips"] for r in rows]) if lpips_net is not None else UNAVAILABLE,
+                    "rfid": rfid_bicubic,
+                    "colour_error": _summary([r["bicubic_colour_error"] for r in rows])},
+        "vs_bicubic": {"psnr_margin": _summary([r["psnr_margin"] for r in rows]),
+                       "ssim_margin": _summary([r["ssim"] - r["bicubic_ssim"] for r in rows]),
+                       "psnr_wins": sum(r["psnr"] > r["bicubic_psnr"] for r in rows),
+                       "ssim_wins": sum(r["ssim"] > r["bicubic_ssim"] for r in rows),
+                       "num_images": len(rows)},
+        "colour": {"error": colour_error,
+                   "shift_lab": [float(np.mean([r[f"colour_shift_{k}"] for r in rows])) for k in ("L", "a", "b")],
+                   "input_mean_rgb": [float(np.mean([r[f"mean_rgb_{k}"] for r in rows])) for k in "rgb"],
+                   "reconstruction_mean_rgb": [float(np.mean([r[f"rec_mean_rgb_{k}"] for r in rows])) for k in "rgb"],
+                   "jnd": COLOUR_JND, "cast": colour_error["mean"] > COLOUR_JND},
         "latents": {"what": "posterior mode z over all images and positions (not yet x scaling_factor)",
                     "per_channel_mean": mean.tolist(), "per_channel_std": std.tolist()},
         "notes": {**notes,
                   "psnr": "dB, 10 log10(255^2 / MSE) per image on 8-bit images; mean over images; std is n - 1",
                   "ssim": "torchmetrics SSIM, Gaussian window 11, sigma 1.5, data range 255, per image",
-                  "kl": "KL(posterior || N(0, I)) per image in nats, summed over (c, h, w)"},
+                  "kl": "KL(posterior || N(0, I)) per image in nats, summed over (c, h, w)",
+                  "bicubic": (f"the same crops shrunk by the VAE's factor {f} (bicubic, antialiased, as Pillow) to an "
+                              f"8-bit {resolution // f} px thumbnail and enlarged back (bicubic); vs_bicubic: VAE minus "
+                              f"bicubic per image (positive: the VAE is better), wins: images where the VAE scores higher"),
+                  "colour": ("error: CIE76 distance (Delta E*ab) between the mean L*a*b* colour (D65) of each image and "
+                             "of its reconstruction, per image; shift_lab: mean over images of reconstruction minus "
+                             "input (dL*, da* +red/-green, db* +yellow/-blue); *_mean_rgb: mean 8-bit colour over the "
+                             f"set; cast: mean error > {COLOUR_JND} (a just-noticeable difference)")},
         "files": {"csv": str(files["csv"]), "worst": str(files["worst"]),
                   "reconstructions": str(recon_dir) if recon_dir is not None else None},
         "run": {"device": str(dev), "batch_size": batch_size, "num_workers": num_workers,
@@ -516,8 +572,9 @@ def evaluate_vae(
     write_atomic(files["csv"], buf.getvalue().encode())
     shown = sorted(worst, reverse=True)  # lowest PSNR first
     by_index = {r["index"]: r for r in rows}
-    grid = worst_grid([(f"{name}  PSNR {-neg:.2f} dB  SSIM {by_index[i]['ssim']:.3f}", x8, y8)
-                       for neg, i, name, x8, y8 in shown])
+    grid = worst_grid([(f"{name}  PSNR {-neg:.2f} dB (bicubic {by_index[i]['bicubic_psnr']:.2f})  "
+                        f"SSIM {by_index[i]['ssim']:.3f}  colour dE {by_index[i]['colour_error']:.1f}", x8, y8, b8)
+                       for neg, i, name, x8, y8, b8 in shown])
     write_atomic(files["worst"], png_bytes(grid))
     write_json(files["report"], report)
     return report

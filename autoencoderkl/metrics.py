@@ -3,11 +3,21 @@
 Images are quantised to integers in [0, 255] first (what a PNG of the reconstruction
 would hold), then PSNR and SSIM come from torchmetrics with ``data_range=255`` (SSIM
 averaged as the reference implementation does, see ``psnr_ssim_8bit``).
+
+Two references every reconstruction is judged against:
+
+- ``bicubic_down_up``: the image shrunk by the VAE's factor f to an 8-bit thumbnail and
+  enlarged back, bicubic both ways. A kl-f8 latent holds 4 numbers per 8 x 8 block
+  where the thumbnail holds 3; an autoencoder that does not beat it has learned nothing a
+  resize could not do.
+- ``mean_colour_error``: how far the image's mean colour moved, in CIELAB. PSNR cannot
+  tell a uniform tint from noise of the same energy; this figure can.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -51,3 +61,85 @@ def psnr_ssim_8bit(inputs: Tensor, reconstructions: Tensor) -> tuple[Tensor, Ten
     if min(ssim_map.shape[-2:]) > 2 * r:
         ssim_map = ssim_map[..., r:-r, r:-r]  # only windows that lie inside the image
     return psnr, ssim_map.flatten(1).mean(1)
+
+
+def bicubic_down_up(images: Tensor, factor: int) -> Tensor:
+    """The bicubic baseline: shrink by ``factor`` to an 8-bit thumbnail, enlarge back.
+
+    Both resamplings are torch's bicubic with ``antialias=True`` (Keys' kernel with
+    a = -0.5, its support widened by the factor when shrinking), which is what Pillow's
+    ``Image.resize(..., BICUBIC)`` does; the thumbnail is clipped and rounded to 8 bits,
+    as a stored low-resolution image would be (the super-resolution literature's LR input).
+
+    Args:
+        images: (B, 3, H, W) float in [-1, 1]; H and W divisible by ``factor``.
+        factor: the spatial factor f of the VAE compared (8 for kl-f8), >= 1.
+    Returns:
+        (B, 3, H, W) float32 in [-1, 1] (clipped, not yet rounded: ``psnr_ssim_8bit`` and
+        ``to_uint8_range`` round).
+    Raises:
+        ValueError: if H or W is not a multiple of ``factor``, or ``factor`` < 1.
+    """
+    h, w = images.shape[-2:]
+    if factor < 1 or h % factor or w % factor:
+        raise ValueError(f"bicubic_down_up needs H and W divisible by factor >= 1, got {h}x{w} and {factor}")
+    x = images.detach().float()
+    thumb = F.interpolate(x, size=(h // factor, w // factor), mode="bicubic", antialias=True, align_corners=False)
+    thumb = to_uint8_range(thumb) / 127.5 - 1  # (B, 3, H/f, W/f) 8-bit values
+    return F.interpolate(thumb, size=(h, w), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+# sRGB (D65) -> CIE XYZ, IEC 61966-2-1, and the D65 reference white: the constants
+# scikit-image's ``skimage.color.rgb2lab`` uses (a test checks agreement with it).
+_XYZ_FROM_RGB = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.95047, 1.0, 1.08883)
+# Sharma, "Digital Color Imaging Handbook" (2003): a CIE76 colour difference of about 2.3
+# is just noticeable. A mean-colour error above it is a cast a viewer can see.
+COLOUR_JND = 2.3
+
+
+def srgb_to_lab(images: Tensor) -> Tensor:
+    """sRGB images -> CIELAB (D65 white, 2 degree observer), per pixel.
+
+    Args:
+        images: (B, 3, H, W) float in [-1, 1] (clipped first), sRGB-encoded.
+    Returns:
+        (B, 3, H, W) float32: L* in [0, 100], a* (+red / -green) and b* (+yellow / -blue)
+        roughly in [-110, 110].
+    Reference:
+        CIE 15:2004 (the L*a*b* formulas); IEC 61966-2-1 (the sRGB transfer function).
+    """
+    rgb = (images.detach().float().clamp(-1, 1) + 1) / 2
+    linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+    matrix = torch.tensor(_XYZ_FROM_RGB, dtype=torch.float32, device=rgb.device)
+    white = torch.tensor(_D65_WHITE, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear) / white
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    fx, fy, fz = f.unbind(1)
+    return torch.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], 1)
+
+
+def mean_colour_error(inputs: Tensor, reconstructions: Tensor) -> tuple[Tensor, Tensor]:
+    """How far each reconstruction's mean colour lies from its input's, in CIELAB.
+
+    The mean colour of an image is the mean of its pixels' L*a*b* values after 8-bit
+    rounding (``to_uint8_range``); the error is the CIE76 difference (Euclidean distance,
+    "Delta E*ab") between the two means. Texture, blur and zero-mean noise leave it near
+    0; a tint moves it (one just-noticeable difference is about ``COLOUR_JND`` = 2.3).
+    What it cannot see: a cast confined to part of the image that averages out (red
+    skies and green shadows), and a hue error in a small object.
+
+    Args:
+        inputs, reconstructions: (B, 3, H, W) float in [-1, 1], same shape.
+    Returns:
+        delta_e: (B,) float32 >= 0, the CIE76 distance between the mean colours.
+        shift: (B, 3) float32, reconstruction's mean minus input's, (dL*, da*, db*).
+    Raises:
+        ValueError: if the shapes differ or are not (B, 3, H, W).
+    """
+    if inputs.shape != reconstructions.shape or inputs.ndim != 4:
+        raise ValueError(f"need two (B, 3, H, W) tensors of one shape, got {tuple(inputs.shape)} and {tuple(reconstructions.shape)}")
+    means = [srgb_to_lab(to_uint8_range(t) / 127.5 - 1).mean((2, 3)) for t in (inputs, reconstructions)]  # (B, 3) each
+    shift = means[1] - means[0]
+    return shift.norm(dim=1), shift

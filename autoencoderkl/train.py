@@ -174,8 +174,14 @@ def main(
                                 cache_images=cfg.data.cache_images, rotate=cfg.data.rotate,
                                 permute_channels=cfg.data.permute_channels, color_jitter=cfg.data.color_jitter)
         val_set = ImageFolder(val_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+    # Training photos measured like the held-out ones (val/train_psnr): the gap between the
+    # two curves is what the model memorised rather than learned.
+    seen_paths = evenly_spaced(train_paths, cfg.data.num_train_val_images) if hf is None else []
+    seen_set = (ImageFolder(seen_paths, cfg.data.resolution, cfg.data.resize, train=False, grid=cfg.data.val_grid)
+                if seen_paths else None)
     stream = isinstance(train_set, HFImageStream)  # resumed from its saved position, not from a sample count
     val_images = val_set.all_crops().to(accelerator.device)  # unreadable ones skipped and counted
+    seen_images = seen_set.all_crops().to(accelerator.device) if seen_set else None
     logger.info(  # unreadable training images are found (skipped, counted) when first read
         "data: %s, %d validation crops of %d px from %d images",
         hf.description if hf else f"{len(train_set)} training images", len(val_images), cfg.data.resolution,
@@ -281,12 +287,16 @@ def main(
         """Main process: metrics.jsonl + TensorBoard + samples/step-NNNNNNN.png (EMA weights if any)."""
         with ema_weights(ema, vae_unwrapped):
             metrics, recs = validate(accelerator, vae_unwrapped, val_images, cfg.data.batch_size)
+            if seen_images is not None:
+                seen, _ = validate(accelerator, vae_unwrapped, seen_images, cfg.data.batch_size)
+                metrics.update({"val/train_psnr": seen["val/psnr"], "val/train_ssim": seen["val/ssim"]})
         metrics_log.write(step, metrics)
         accelerator.log(metrics, step=step)
         grid = out / "samples" / f"step-{step:07d}.png"
         save_grid(val_images, recs, grid)
         log_image(accelerator, "val/reconstructions", grid, step)
-        tqdm.write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}")
+        seen_note = f" (training photos {metrics['val/train_psnr']:.2f} dB)" if "val/train_psnr" in metrics else ""
+        tqdm.write(f"step {step}: val PSNR {metrics['val/psnr']:.2f} dB, SSIM {metrics['val/ssim']:.3f}{seen_note}")
         return metrics
 
     def checkpoint_state() -> dict[str, Any]:

@@ -289,7 +289,9 @@ def plot_curves(metrics_path: PathLike, columns: int = 3) -> Image.Image:
     """Every curve of a run's ``metrics.jsonl`` as a grid of line charts.
 
     Validation metrics (``val/...``) come first, then the training logs, each in its own
-    panel; constant series (a switched-off term) are left out.
+    panel; constant series (a switched-off term) are left out. Where a run measured its
+    training photos too (``val/train_psnr``, ``val/train_ssim``), they share the panel of
+    the held-out ``val/psnr`` / ``val/ssim``: the gap between the two lines is overfitting.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -300,7 +302,12 @@ def plot_curves(metrics_path: PathLike, columns: int = 3) -> Image.Image:
     keys.sort(key=lambda k: (not k.startswith("val/"), list(series).index(k)))
     if not keys:
         raise ValueError(f"{metrics_path} holds no numeric series to plot")
-    panels = [line_chart(k, *series[k]) for k in keys]
+    shared = {k: seen for k, seen in (("val/psnr", "val/train_psnr"), ("val/ssim", "val/train_ssim"))
+              if k in keys and seen in series}  # held-out key -> the training photos' key
+    keys = [k for k in keys if k not in shared.values()]
+    panels = [chart(f"{k}   last {_fmt(series[k][1][-1])}, training photos {_fmt(series[shared[k]][1][-1])}",
+                    [("held-out", *series[k]), ("training photos", *series[shared[k]])], x_label="step")
+              if k in shared else line_chart(k, *series[k]) for k in keys]
     rows = [hstack(panels[i : i + columns], pad=6) for i in range(0, len(panels), columns)]
     return vstack(rows, pad=6)
 

@@ -311,6 +311,8 @@ def test_rfid_is_computed_from_a_local_inception_file(tmp_path, scaled_inception
         report = evaluate_vae(pixel_identity_vae(shift), tmp_path / "photos", out=tmp_path / f"report{shift}.json",
                               resolution=RES, num_workers=0, inception_weights=scaled_inception_weights, progress=False)
         assert "biased" in report["notes"]["rfid"]
+        # The bicubic baseline gets its own rFID against the same real images.
+        assert isinstance(report["bicubic"]["rfid"], float)
         return report["rfid"]
 
     perfect, brighter = rfid(0.0), rfid(0.3)  # +38 of 255 levels

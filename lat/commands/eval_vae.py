@@ -11,7 +11,10 @@
 folder, a training output dir (its vae/), an original single-file Stable Diffusion VAE
 (.safetensors / .ckpt), or a Hugging Face Hub id. The evaluation writes the report
 (--out, JSON), <stem>_per_image.csv and <stem>_worst8.png (input | reconstruction |
-difference x4) beside it. --latent-stats instead measures the mean and std of posterior
+bicubic | difference x4) beside it. Every report sets the VAE beside bicubic down- and
+up-sampling by its own factor on the same crops (the margin, and how many images the VAE
+wins), and gives the mean-colour error (CIE76 Delta E of each image's mean L*a*b*
+colour), flagging a colour cast above 2.3, a just-noticeable difference. --latent-stats instead measures the mean and std of posterior
 samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
 --diffusability (several --vae allowed; --data may be "demo") also trains a fixed small
 stage-2 U-Net on each VAE's normalised latents and measures its held-out loss (and its
@@ -137,11 +140,25 @@ def main(argv=None):
           f"{report['run']['seconds']:.1f} s")
     print(f"PSNR {p['mean']:.2f} +- {p['std']:.2f} dB   SSIM {s['mean']:.4f} +- {s['std']:.4f}   "
           f"KL {report['kl']['mean']:.1f} nats")
+    bic, vs, col = report["bicubic"], report["vs_bicubic"], report["colour"]
+    n = vs["num_images"]
+    print(f"bicubic x{bic['factor']}: PSNR {bic['psnr']['mean']:.2f} dB   SSIM {bic['ssim']['mean']:.4f}   "
+          f"VAE margin {vs['psnr_margin']['mean']:+.2f} dB, SSIM {vs['ssim_margin']['mean']:+.4f}; "
+          f"VAE wins {vs['psnr_wins']}/{n} images (PSNR), {vs['ssim_wins']}/{n} (SSIM)")
+    shift, rgb_in, rgb_out = col["shift_lab"], col["input_mean_rgb"], col["reconstruction_mean_rgb"]
+    print(f"colour: mean-colour error dE {col['error']['mean']:.2f} +- {col['error']['std']:.2f} "
+          f"(bicubic {bic['colour_error']['mean']:.2f}); mean shift L* {shift[0]:+.1f} a* {shift[1]:+.1f} "
+          f"b* {shift[2]:+.1f}; mean RGB ({', '.join(f'{v:.1f}' for v in rgb_in)}) -> "
+          f"({', '.join(f'{v:.1f}' for v in rgb_out)})"
+          + (f": COLOUR CAST (> {col['jnd']}, a just-noticeable difference)" if col["cast"] else ""))
     for name in ("lpips", "rfid"):
         value = report[name]
         if value == "unavailable":
             print(f"{name.upper()}: unavailable: {report['notes'][name]}")
         else:
-            print(f"{name.upper()}: {value['mean'] if isinstance(value, dict) else value:.4f}")
+            base = report["bicubic"][name]
+            base = base["mean"] if isinstance(base, dict) else base
+            base = f"{base:.4f}" if isinstance(base, float) else base
+            print(f"{name.upper()}: {value['mean'] if isinstance(value, dict) else value:.4f} (bicubic {base})")
     print(f"wrote {args.out or 'report.json'}, {report['files']['csv']}, {report['files']['worst']}")
 
