@@ -14,8 +14,9 @@ folder, a training output dir (its vae/), an original single-file Stable Diffusi
 difference x4) beside it. --latent-stats instead measures the mean and std of posterior
 samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
 --diffusability (several --vae allowed; --data may be "demo") also trains a fixed small
-stage-2 U-Net on each VAE's normalised latents and measures its held-out loss and the
-latents' spectra: report.json, report.png and a table (docs/diffusability.md).
+stage-2 model (a U-Net, or a DiT with --probe-backbone dit) on each VAE's normalised
+latents and measures its held-out loss and the latents' spectra: report.json, report.png
+and a table (docs/diffusability.md).
 """
 
 import argparse
@@ -62,7 +63,10 @@ def parse_args(argv=None):
     dg = parser.add_argument_group("diffusability (latent_diffusion.probe)")
     dg.add_argument("--diffusability", action="store_true",
                     help="also probe how easily a diffusion model learns each VAE's latents")
-    dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default configs/latent_diffusion/probe.yaml)")
+    dg.add_argument("--probe-backbone", choices=("unet", "dit"), default=None,
+                    help="the probe's denoiser: unet (configs/latent_diffusion/probe.yaml, default) or dit (a small "
+                         "DiT, probe-dit.yaml: the backbone recent VAE papers rank latents with)")
+    dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default: the --probe-backbone's bundled one)")
     dg.add_argument("--probe-steps", type=int, help="probe training steps (default: the probe config's)")
     dg.add_argument("--heldout-fraction", type=float, default=0.2, help="share of the images held out (default 0.2)")
     dg.add_argument("--probe-work-dir", help="keep the crops, latent caches and probe runs here (default: removed)")
@@ -75,6 +79,10 @@ def parse_args(argv=None):
         parser.error("--write-config and --shift-factor need --latent-stats")
     if args.tile_size is not None and not args.tiling:
         parser.error("--tile-size needs --tiling")
+    if args.probe_backbone and not args.diffusability:
+        parser.error("--probe-backbone needs --diffusability")
+    if args.probe_backbone and args.probe_config:
+        parser.error("--probe-backbone picks a bundled probe config; with --probe-config, set model.type in that YAML")
     return args
 
 
@@ -87,10 +95,11 @@ def main(argv=None):
                   num_workers=args.num_workers, device=args.device, progress=not args.quiet)
     try:
         if args.diffusability:
-            from latent_diffusion.probe import PROBE_CONFIG, diffusability_report, format_table
+            from latent_diffusion.probe import PROBE_CONFIGS, diffusability_report, format_table
 
             report = diffusability_report(
-                args.vae, args.data, out=args.out or "report.json", probe_config=args.probe_config or PROBE_CONFIG,
+                args.vae, args.data, out=args.out or "report.json",
+                probe_config=args.probe_config or PROBE_CONFIGS[args.probe_backbone or "unet"],
                 probe_steps=args.probe_steps, seed=args.seed, heldout_fraction=args.heldout_fraction,
                 vae_config=args.vae_config, work_dir=args.probe_work_dir, lpips=args.lpips, fid=args.fid,
                 inception_weights=args.inception_weights, **common)
