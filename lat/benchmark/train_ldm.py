@@ -208,7 +208,7 @@ def bench_train_ldm(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from latent_diffusion.encode import encode_latents
     from latent_diffusion.latents import load_index
 
-    config = str(Path(args.config or STAGE2_DEMO).resolve())
+    config = str(Path(find_config(args.config, "latent_diffusion") if args.config else STAGE2_DEMO).resolve())
     steps = args.steps or 10
     device = default_device()
     load_config(config, args.set)  # a bad --set fails before the cache is built
