@@ -62,7 +62,7 @@ from .config import check_sampler
 from .encode import Source, SourceImages, encode_batch
 from .latents import INDEX_FILE, load_index
 from .export import load_pipeline
-from .pipeline import LatentDiffusionPipeline
+from .pipeline import LatentDiffusionPipeline, LatentNormalization
 from .sample import sample
 from .swd import swd
 
@@ -241,20 +241,20 @@ def _batches(images: Tensor, batch_size: int, device: torch.device, desc: str, p
 def encode_images(
     vae: AutoencoderKL, images: Tensor, batch_size: int, device: torch.device, progress: bool = False
 ) -> Tensor:
-    """8-bit images -> the U-Net's latents of their posterior means, flattened.
+    """8-bit images -> the denoiser's latents of their posterior means, flattened.
 
     Args:
-        vae: the pipeline's VAE (its ``scaling_factor`` and ``shift_factor`` are those the
-            U-Net was trained with).
+        vae: the pipeline's VAE (its config records the ``LatentNormalization`` the
+            denoiser was trained with).
         images: (N, 3, H, W) uint8.
     Returns:
-        (N, c * h * w) float32: (posterior mean - shift_factor) * scaling_factor.
+        (N, c * h * w) float32: the posterior means, normalised as in training.
     """
-    shift, scale = vae.config.shift_factor or 0.0, vae.config.scaling_factor
+    normalization = LatentNormalization.from_vae_config(vae.config)
     out = []
     for x in _batches(images, batch_size, device, "encode", progress):
         mean, _ = encode_batch(vae, x.float() / 127.5 - 1)  # (b, c, h, w)
-        out.append(((mean - shift) * scale).flatten(1).cpu())
+        out.append(normalization.normalize(mean).flatten(1).cpu())
     return torch.cat(out)
 
 
@@ -567,7 +567,7 @@ def evaluate_ldm(
     pipeline = model if isinstance(model, LatentDiffusionPipeline) else load_pipeline(model)
     pipeline.to(dev)
     vae = pipeline.vae.eval()
-    resolution = pipeline.unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = pipeline.denoiser.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     out = Path(out)
     notes: dict[str, str] = {}
     if samples is None and scheduler is not None:  # a sampler that does not fit fails before any work
@@ -653,7 +653,7 @@ def evaluate_ldm(
         "format_version": REPORT_FORMAT_VERSION,
         "model": {"path": None if isinstance(model, LatentDiffusionPipeline) else str(model),
                   "prediction_type": pipeline.config.prediction_type,
-                  "unet_parameters": sum(p.numel() for p in pipeline.unet.parameters()),
+                  "unet_parameters": sum(p.numel() for p in pipeline.denoiser.parameters()),  # the denoiser's
                   "num_classes": pipeline.num_classes, "resolution": resolution,
                   "vae_scaling_factor": vae.config.scaling_factor, "vae_shift_factor": vae.config.shift_factor},
         "samples": sampling,

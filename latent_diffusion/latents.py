@@ -77,11 +77,12 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
 from safetensors import safe_open
 from torch import Tensor
 
 from autoencoderkl.model import load_vae, vae_weights_sha256
+
+from .pipeline import LatentNormalization
 
 PathLike = Union[str, os.PathLike]
 
@@ -147,6 +148,43 @@ def map_shard(path: PathLike) -> dict[str, Tensor]:
         return {name: f.get_tensor(name) for name in f.keys()}
 
 
+def normalization_from_cache(
+    index: dict[str, Any], kind: str = "global", sample_posterior: bool = True, scaling_factor: float | None = None,
+    shift_factor: float | None = None, where: str = "the latent cache",
+) -> LatentNormalization:
+    """The ``LatentNormalization`` of a cache's z, from its ``index.json`` statistics.
+
+    global: ``scaling_factor`` None -> 1 / the global std of the z drawn (posterior samples,
+    ``index["scaling_factor"]``; or the posterior means with ``sample_posterior=False``);
+    ``shift_factor`` None -> 0.0 (SD 1.x/2.x). per_channel: each channel's mean and std of
+    the same z (``stats.mean`` / ``stats.std``, or ``stats.posterior_mean``'s), times
+    ``scaling_factor`` (None -> 1.0); no shift_factor.
+
+    Raises:
+        ValueError: an unknown kind, a std of 0, or a shift_factor with per_channel.
+    """
+    stats = index["stats"] if sample_posterior else index["stats"]["posterior_mean"]
+    if kind == "per_channel":
+        if shift_factor is not None:
+            raise ValueError(f"per_channel normalisation takes no shift_factor (got {shift_factor}): it subtracts "
+                             f"each channel's mean")
+        if not all(s > 0 for s in stats["std"]):
+            raise ValueError(f"a channel of the latents in {where} has standard deviation 0 ({stats['std']}): "
+                             f"per_channel normalisation cannot divide by it")
+        return LatentNormalization("per_channel", 1.0 if scaling_factor is None else scaling_factor,
+                                   latents_mean=stats["mean"], latents_std=stats["std"])
+    if kind != "global":
+        raise ValueError(f"unknown latent normalisation {kind!r}; valid: global, per_channel")
+    if scaling_factor is None and sample_posterior:
+        scaling_factor = index["scaling_factor"]  # 1 / std of posterior samples
+    elif scaling_factor is None:  # 1 / std of the posterior means
+        if not stats["global_std"] > 0:
+            raise ValueError(f"the posterior means in {where} have standard deviation {stats['global_std']}: pass a "
+                             f"scaling_factor")
+        scaling_factor = 1.0 / stats["global_std"]
+    return LatentNormalization("global", float(scaling_factor), float(0.0 if shift_factor is None else shift_factor))
+
+
 class LatentDataset(torch.utils.data.Dataset):
     """The latent cache as a dataset of scaled posterior samples, for stage 2.
 
@@ -157,9 +195,15 @@ class LatentDataset(torch.utils.data.Dataset):
     worker holds one file name and one row offset per shard, not the index: the list
     of sources (``index["paths"]``) is read only when ``source`` is called.
 
-    ``latents = (z - shift_factor) * scaling_factor`` with ``z = mean + std * eps``,
-    eps ~ N(0, I) drawn fresh on every call from torch's global RNG (DataLoader workers
-    are seeded apart), or ``z = mean`` with ``sample_posterior=False``.
+    ``latents = normalization.normalize(z)`` (``latent_diffusion.pipeline.LatentNormalization``,
+    the one definition the training loop, the pipeline and the probe share) with
+    ``z = mean + std * eps``, eps ~ N(0, I) drawn fresh on every call from torch's global
+    RNG (DataLoader workers are seeded apart), or ``z = mean`` with ``sample_posterior=False``.
+    ``global`` (the default) is ``latents = (z - shift_factor) * scaling_factor``, as below;
+    ``per_channel`` is ``(z - mean_c) * scaling_factor / std_c`` with the cache's
+    per-channel statistics of the same z (``stats.mean`` / ``stats.std``, or
+    ``stats.posterior_mean``'s with ``sample_posterior=False``) and ``scaling_factor``
+    default 1.0 (LightningDiT).
 
     ``scaling_factor`` defaults to 1 / the global std, over the whole cache, of the z this
     dataset draws, so that the latents have unit variance (Rombach et al. 2022, sec.
@@ -182,15 +226,20 @@ class LatentDataset(torch.utils.data.Dataset):
         shift_factor: the shift to subtract; None: 0.0 (see above).
         vae: the VAE stage 2 will decode with (a model, or a path for ``load_vae``). Its
             ``vae_weights_sha256`` must equal the cache's ``index["vae"]["sha256"]``.
+        latent_normalization: ``global`` | ``per_channel``, resolved from the cache's
+            statistics and the two factors as above; or a ``LatentNormalization`` to apply
+            as it is (e.g. the training cache's, to a held-out cache), with both factors None.
     Attributes:
         index: the ``index.json`` dict, read from the file on each access (the dataset
             does not hold it; see the property).
         latent_shape: (c, h, w).
         num_classes / class_names: label count and names, or None when unlabelled.
-        scaling_factor / shift_factor: the values applied.
+        normalization: the ``LatentNormalization`` applied.
+        scaling_factor / shift_factor: its factors (shift 0.0 for per_channel).
     Raises:
         FileNotFoundError / ValueError: from ``load_index``; ValueError if ``vae`` is not
-            the VAE that made the cache, naming both hashes.
+            the VAE that made the cache, naming both hashes, or the cache's statistics
+            cannot normalise (a channel of std 0).
     """
 
     def __init__(
@@ -199,12 +248,13 @@ class LatentDataset(torch.utils.data.Dataset):
         sample_posterior: bool = True,
         scaling_factor: float | None = None,
         shift_factor: float | None = None,
-        vae: AutoencoderKL | PathLike | None = None,
+        vae: torch.nn.Module | PathLike | None = None,
+        latent_normalization: str | LatentNormalization = "global",
     ) -> None:
         self.root = Path(root)
         index = load_index(self.root)  # not kept: its "paths" lists every image (see ``index``)
         if vae is not None:
-            model = vae if isinstance(vae, AutoencoderKL) else load_vae(vae)
+            model = load_vae(vae) if isinstance(vae, (str, os.PathLike)) else vae  # the VAE class is the folder's
             sha = vae_weights_sha256(model)
             if sha != index["vae"]["sha256"]:
                 raise ValueError(
@@ -214,15 +264,15 @@ class LatentDataset(torch.utils.data.Dataset):
                     f"--out <new dir>`, or use the VAE that made the cache ({index['vae'].get('path')})."
                 )
         self.sample_posterior = sample_posterior
-        if scaling_factor is None and sample_posterior:
-            scaling_factor = index["scaling_factor"]  # 1 / std of posterior samples
-        elif scaling_factor is None:  # 1 / std of the posterior means
-            std = index["stats"]["posterior_mean"]["global_std"]
-            if not std > 0:
-                raise ValueError(f"the posterior means in {self.root} have standard deviation {std}: pass a scaling_factor")
-            scaling_factor = 1.0 / std
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(0.0 if shift_factor is None else shift_factor)
+        if isinstance(latent_normalization, LatentNormalization):
+            if scaling_factor is not None or shift_factor is not None:
+                raise ValueError("give either a LatentNormalization or scaling_factor/shift_factor, not both")
+            self.normalization = latent_normalization
+        else:
+            self.normalization = normalization_from_cache(index, latent_normalization, sample_posterior, scaling_factor,
+                                                          shift_factor, where=str(self.root))
+        self.scaling_factor = self.normalization.scaling_factor
+        self.shift_factor = self.normalization.shift_factor
         self.latent_shape = tuple(index["latent_shape"])
         self.class_names = index.get("classes")
         self.num_classes = len(self.class_names) if self.class_names is not None else None
@@ -295,7 +345,7 @@ class LatentDataset(torch.utils.data.Dataset):
         z = tensors["mean"][row].float()  # (c, h, w); a view of the file for fp32 caches: not modified in place
         if self.sample_posterior:
             z = z + tensors["std"][row].float() * torch.randn(z.shape)
-        item = {"latents": (z - self.shift_factor) * self.scaling_factor}
+        item = {"latents": self.normalization.normalize(z)}
         if self.num_classes is not None:
             item["label"] = tensors["label"][row].clone()  # () int64
         return item

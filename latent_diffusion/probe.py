@@ -84,6 +84,8 @@ logger = logging.getLogger(__name__)
 
 # The bundled probe config (configs/latent_diffusion/probe.yaml; lat/configs in a wheel).
 PROBE_CONFIG = find_config("probe", "latent_diffusion")
+# --probe-backbone -> its bundled config: the U-Net probe, or the same probe on a small DiT.
+PROBE_CONFIGS = {"unet": PROBE_CONFIG, "dit": find_config("probe-dit", "latent_diffusion")}
 REPORT_FORMAT_VERSION = 1
 TRAIN, HELDOUT = "train", "heldout"  # the two folders of probe images
 

@@ -29,14 +29,15 @@ from autoencoderkl.atomic import atomic_path, write_atomic
 from .config import default_sampler
 from .export import load_pipeline
 from .model import build_sampler
-from .pipeline import LatentDiffusionPipeline
+from .pipeline import LatentDiffusionPipeline, LatentNormalization, learns_sigma
 
 GRID_MAX = 64  # images shown in grid.png (the first ones)
 # What sample() writes into its folder: NNNNNN.png (six or more digits), grid.png, sampling.json.
 SAMPLE_PNG = re.compile(r"^\d{6,}\.png$")
 OWN_FILES = ("grid.png", "sampling.json")
 # The settings that must match for a rerun into a folder of earlier samples to be "the same command".
-SAME_RUN_KEYS = ("model", "num_images", "steps", "scheduler", "shift", "class_label", "guidance_scale", "seed")
+SAME_RUN_KEYS = ("model", "num_images", "steps", "scheduler", "shift", "class_label", "guidance_scale",
+                 "guidance_interval", "seed")
 
 
 def image_generators(seed: int, indices: range | list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -136,6 +137,7 @@ def sample(
     progress: bool = True,
     shift: float | None = None,
     overwrite: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Generate ``num_images`` PNGs ``out/NNNNNN.png`` and ``out/grid.png`` of the first 64.
 
@@ -149,12 +151,15 @@ def sample(
         scheduler: for epsilon and v_prediction models ddim | ddpm | dpm (DPM-Solver++ 2M)
             | euler, for flow models flow_euler | flow_heun, made from the pipeline's
             scheduler config (same betas and prediction type, or T and shift); None: the
-            default for the model's ``prediction_type`` (ddim, or flow_euler).
+            default for the model's ``prediction_type`` (ddim, or flow_euler). ddpm steps
+            with the model's learned variance when it has one (``learns_sigma``).
         class_label: "cycle" (image i gets class i % K; unconditional models ignore it),
             an int class for all images, or "none" (the null class: unconditional).
         guidance_scale: classifier-free guidance s (1 = none; needs class labels).
+        guidance_interval: (lo, hi): guide only at noise levels t / T in [lo, hi]
+            (``LatentDiffusionPipeline.__call__``); None: at every step.
         seed: >= 0; image i's noise comes from ``image_generators(seed, [i])``.
-        batch_size: images per U-Net batch (x2 with guidance).
+        batch_size: images per denoiser batch (x2 with guidance).
         device: default CUDA when available, else the CPU.
         progress: show a tqdm bar over the denoising steps of every batch (images done
             in its postfix).
@@ -178,10 +183,11 @@ def sample(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipeline = model if isinstance(model, LatentDiffusionPipeline) else load_pipeline(model)
     pipeline.to(device)
-    pipeline.unet.eval(), pipeline.vae.eval()
+    pipeline.denoiser.eval(), pipeline.vae.eval()
     pipeline.check_scheduler()  # the saved one; then the one asked for must fit the same objective
     scheduler = scheduler or default_sampler(pipeline.config.prediction_type)
-    pipeline.scheduler = build_sampler(scheduler, pipeline.scheduler.config, shift=shift)
+    pipeline.scheduler = build_sampler(scheduler, pipeline.scheduler.config, shift=shift,
+                                       learned_variance=learns_sigma(pipeline.denoiser))
     pipeline.set_progress_bar_config(disable=True)
     class_labels_for(pipeline, class_label, range(1))  # a bad label fails before any work
 
@@ -189,7 +195,9 @@ def sample(
     check_samples_dir(out, {"model": str(model) if not isinstance(model, LatentDiffusionPipeline) else None,
                             "num_images": num_images, "steps": steps, "scheduler": type(pipeline.scheduler).__name__,
                             "shift": pipeline.scheduler.config.get("shift"), "class_label": class_label,
-                            "guidance_scale": guidance_scale, "seed": seed}, overwrite)
+                            "guidance_scale": guidance_scale,
+                            "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed},
+                      overwrite)
     out.mkdir(parents=True, exist_ok=True)
     width = max(6, len(str(num_images - 1)))
     paths, shown = [], []
@@ -214,7 +222,7 @@ def sample(
             images = pipeline(
                 batch_size=len(indices), num_inference_steps=steps,
                 class_labels=class_labels_for(pipeline, class_label, indices), guidance_scale=guidance_scale,
-                generator=image_generators(seed, indices, device), output_type="np",
+                generator=image_generators(seed, indices, device), output_type="np", guidance_interval=guidance_interval,
             ).images  # (b, H, W, 3) float32 in [0, 1]
             arrays = (images * 255).round().astype(np.uint8)
             for i, array in zip(indices, arrays):
@@ -237,8 +245,10 @@ def sample(
     settings = {"model": str(model) if not isinstance(model, LatentDiffusionPipeline) else None,
                 "num_images": num_images, "steps": steps, "scheduler": type(pipeline.scheduler).__name__,
                 "prediction_type": pipeline.config.prediction_type, "shift": pipeline.scheduler.config.get("shift"),
-                "class_label": class_label, "guidance_scale": guidance_scale, "seed": seed,
-                "class_names": pipeline.config.class_names,
+                "class_label": class_label, "guidance_scale": guidance_scale,
+                "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed,
+                "class_names": pipeline.config.class_names, "denoiser": type(pipeline.denoiser).__name__,
+                "latent_normalization": LatentNormalization.from_vae_config(pipeline.vae.config).to_dict(),
                 "vae_scaling_factor": pipeline.vae.config.scaling_factor,
                 "vae_shift_factor": pipeline.vae.config.shift_factor}
     write_atomic(out / "sampling.json", json.dumps(settings, indent=2) + "\n")

@@ -105,6 +105,31 @@ if [[ $smoke == 0 ]]; then
 fi
 run sample $py -m lat sample-ldm --model "$out/ldm-bf16" --num-images 8 --steps 10 --out "$out/samples"
 
+# Stage 2 with the transformer on the same cache: DiT (dit-demo's shape) in bf16, SiT (flow), the DiT under
+# torch.compile, its DiTPipeline export sampled with guidance; SDPA: diffusers' attention processor must be
+# AttnProcessor2_0 (F.scaled_dot_product_attention), checked on DiT-S/2 in bf16.
+dit_common="--config dit-demo --latents $out/latents --overwrite $steps train.num_validation_samples=4 train.validation_inference_steps=4"
+run dit_bf16 $py -m lat train-ldm $dit_common --output-dir "$out/dit-bf16" train.mixed_precision=bf16
+run sit_bf16 $py -m lat train-ldm $dit_common --output-dir "$out/sit-bf16" train.mixed_precision=bf16 \
+  noise.prediction_type=flow noise.snr_gamma=null
+run dit_sample $py -m lat sample-ldm --model "$out/dit-bf16" --num-images 8 --steps 10 --class-label 0 --guidance-scale 2 \
+  --out "$out/dit-samples"
+if [[ $smoke == 0 ]]; then
+  run dit_sdpa $py -c "
+import torch; from latent_diffusion.config import load_config; from latent_diffusion.model import build_denoiser
+m = build_denoiser(load_config('configs/latent_diffusion/dit-s2.yaml').model, (4, 32, 32), 1000).cuda()
+assert type(m.transformer_blocks[0].attn1.processor).__name__ == 'AttnProcessor2_0', m.transformer_blocks[0].attn1.processor
+with torch.autocast('cuda', torch.bfloat16):
+    m(torch.randn(32, 4, 32, 32, device='cuda'), torch.randint(0, 1000, (32,), device='cuda'),
+      class_labels=torch.randint(0, 1000, (32,), device='cuda')).sample.float().square().mean().backward()
+print('sdpa ok, peak', torch.cuda.max_memory_allocated() // 2**20, 'MiB')"
+  run dit_compile $py -m lat train-ldm $dit_common --output-dir "$out/dit-compile" train.compile=true \
+    train.mixed_precision=bf16
+  # U-Net small.yaml beside DiT-S/2 and DiT-B/2 on 32x32x4 latents (the 256 px cache above), bf16 + compile.
+  run bench_dit $py -m lat benchmark --what train_ldm --latents "$out/latents" --config small --compare dit-s2 dit-b2 \
+    --rounds 1 --repeats 3 --steps 5 --set data.batch_size=32 --out "$out/bench_train_ldm_dit.json"
+fi
+
 # The benchmark: kl-f8 (SD's VAE shape) at 256 px, bf16 (the "optimized" CUDA case) against the baseline.
 if [[ $smoke == 0 ]]; then
   run bench_kl_f8 $py -m lat benchmark --what train_vae --config configs/autoencoderkl/kl-f8.yaml --baseline \

@@ -486,7 +486,7 @@ def test_flow_refuses_min_snr_and_samplers_of_the_other_objective(tmp_path):
         load_config(None, ["noise.pipeline_scheduler=flow_heun"])
     flow = tiny_pipeline(prediction_type="flow")
     with pytest.raises(ValueError, match=r"scheduler 'ddim' does not fit a model trained with prediction_type 'flow': "
-                                         r"its U-Net predicts the flow velocity"):
+                                         r"the model predicts the flow velocity"):
         sample(flow, tmp_path / "s", num_images=1, scheduler="ddim", progress=False)
     with pytest.raises(ValueError, match=r"scheduler 'flow_euler' does not fit a model trained with prediction_type 'epsilon'"):
         sample(tiny_pipeline(), tmp_path / "s", num_images=1, scheduler="flow_euler", progress=False)
@@ -513,7 +513,7 @@ class VelocityOracle(torch.nn.Module):
         self.dtype, self.device = torch.float32, torch.device("cpu")
 
     def forward(self, sample, timestep, class_labels=None):
-        t = float(timestep) / 1000
+        t = float(timestep.reshape(-1)[0]) / 1000  # (B,) timesteps, all equal
         self.seen.append(t)
         x = sample.flatten(1).double()  # (B, 2)
         c = (1 - t) ** 2 * self.cov + t**2 * torch.eye(2, dtype=torch.float64)

@@ -39,7 +39,11 @@ torch.cuda.max_memory_allocated on CUDA.
   kinds of step alternate repeat by repeat: a U-Net step on cached latents vs a U-Net
   step that crops and encodes the images every step (as diffusers' example scripts do;
   decoded images stay in memory for up to 1000 files), same U-Net, AdamW, loss and
-  --steps steps per call; their steps/s ratio is what the cache buys.
+  --steps steps per call; their steps/s ratio is what the cache buys. With --compare
+  CONFIG ..., each of those configs (a U-Net or a DiT: e.g. small dit-s2 dit-b2) runs too,
+  as one more case on the same cache with the same switches, batch and steps, and the
+  cache comparison is left out: models side by side at one latent shape (GFLOP per
+  latent from the counter below, parameters listed under the table).
 --what sample: images/s of LatentDiffusionPipeline(batch_size=B, num_inference_steps=
   --steps (default 50)): --model DIR, or a random pipeline of the demo's shape (the
   demo-shaped VAE, a U-Net from --config's model section, the objective's default sampler:
@@ -205,6 +209,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="encode, and building train_ldm's cache: DataLoader workers (default: 2)")
     enc.add_argument("--shard-size", type=int, default=256, help="encode: images per shard (default: 256)")
     enc.add_argument("--latents", help="train_ldm: an existing latent cache (default: build one from --data)")
+    enc.add_argument("--compare", nargs="+", default=[], metavar="CONFIG",
+                     help="train_ldm: more stage-2 configs (paths or bundled names: small, dit-s2, ...) to run as cases "
+                          "beside --config on the same cache")
     enc.add_argument("--model", help="sample: a trained pipeline folder (default: a random demo-shaped pipeline)")
     enc.add_argument("--tile-size", type=int, help="vae_tiling: tile side in pixels (default: the VAE's sample_size)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one case from a spec file

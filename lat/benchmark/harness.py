@@ -462,9 +462,12 @@ def window_rates(metrics: Path, key: str) -> list[float]:
     return [rec[key] for rec in lines if key in rec]
 
 
-def run_training_cases(cases: dict[str, list[str]], kind: str, config: str, warmup: int, scratch: Path,
+def run_training_cases(cases: dict[str, list[str]], kind: str, config: str | dict[str, str], warmup: int, scratch: Path,
                         unit: str, rounds: int = 1) -> dict[str, dict[str, Any]]:
     """Run every case's child, ``rounds`` times in alternating order; per case the pooled figures.
+
+    ``config`` is the YAML every case loads, or case name -> its YAML (cases of different
+    models side by side).
 
     A shared machine's speed drifts over tens of seconds, so cases run one after another
     are skewed unequally; alternating rounds (A B, then B A, ...) spread the drift over
@@ -478,7 +481,8 @@ def run_training_cases(cases: dict[str, list[str]], kind: str, config: str, warm
             label = f"{name}, round {r + 1}/{rounds}" if rounds > 1 else name
             print(f"[{label}] running the {kind} loop in a fresh process ...", flush=True)
             slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{name}-{r}")
-            out = run_child(slug, {"kind": kind, "config": config, "overrides": cases[name],
+            case_config = config[name] if isinstance(config, dict) else config
+            out = run_child(slug, {"kind": kind, "config": case_config, "overrides": cases[name],
                                    "out_dir": str(scratch / slug)}, scratch)
             runs[name].append(out)
             timed = out["rates"][warmup:]

@@ -22,7 +22,7 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     import torch
 
     from latent_diffusion.config import default_sampler, load_config
-    from latent_diffusion.model import build_noise_scheduler, build_sampler, build_unet
+    from latent_diffusion.model import build_denoiser, build_noise_scheduler, build_sampler
     from latent_diffusion.export import load_pipeline
     from latent_diffusion.pipeline import LatentDiffusionPipeline
 
@@ -48,11 +48,11 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             raise ValueError(f"--resolution {resolution} must be a multiple of the VAE's factor {f}")
         num_classes = 9 if cfg.model.class_conditional else None  # the demo cache's photos
         torch.manual_seed(0)
-        unet = build_unet(cfg.model, (vae.config.latent_channels, resolution // f, resolution // f), num_classes)
+        denoiser = build_denoiser(cfg.model, (vae.config.latent_channels, resolution // f, resolution // f), num_classes)
         sampler = build_sampler(default_sampler(cfg.noise.prediction_type), build_noise_scheduler(cfg.noise).config)
-        base = LatentDiffusionPipeline(unet.eval(), sampler,
+        base = LatentDiffusionPipeline(denoiser.eval(), sampler,
                                        vae.eval(), class_names=[f"class{i}" for i in range(num_classes)] if num_classes else None)
-        source = (f"random: U-Net from {Path(args.config or STAGE2_DEMO).name} model section, "
+        source = (f"random: {type(denoiser).__name__} from {Path(args.config or STAGE2_DEMO).name} model section, "
                   f"VAE shaped like configs/autoencoderkl/demo.yaml, {type(sampler).__name__}, "
                   f"{resolution}x{resolution} px")
     base.set_progress_bar_config(disable=True)
@@ -71,16 +71,16 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                 settings_of[f"optimized, {key}={format_value(off)}"] = {**settings_of["optimized"], key: off}
 
     def build(settings: dict[str, Any]) -> Any:
-        pipe = LatentDiffusionPipeline(copy.deepcopy(base.unet), copy.deepcopy(base.scheduler), copy.deepcopy(base.vae),
+        pipe = LatentDiffusionPipeline(copy.deepcopy(base.denoiser), copy.deepcopy(base.scheduler), copy.deepcopy(base.vae),
                                        class_names=base.config.class_names).to(device)
         pipe.set_progress_bar_config(disable=True)
         if settings["dtype"] == "bf16":
             pipe.to(dtype=torch.bfloat16)
         if settings["channels_last"]:
-            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         if settings["compile"]:
-            pipe.unet = torch.compile(pipe.unet)
+            pipe.denoiser = torch.compile(pipe.denoiser)
         return pipe
 
     pipes = {name: build(s) for name, s in settings_of.items()}
@@ -113,7 +113,7 @@ def bench_sample(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                         "load_average_before": load_before},
         "settings": {"pipeline": source, "batch_size": batch, "num_inference_steps": steps, "guidance_scale": 1.0,
                      "class_labels": labels, "warmup": args.warmup, "repeats": args.repeats, "set": args.set,
-                     "resolution": base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)},
+                     "resolution": base.denoiser.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)},
         "switches": {k: format_value(v) for k, v in SAMPLE_SWITCHES.items()},
         "optimized": {k: format_value(v) for k, v in SAMPLE_OPTIMIZED[device].items()},
         "ablate_skipped": skipped,

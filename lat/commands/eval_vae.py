@@ -17,10 +17,11 @@ wins), and gives the mean-colour error (CIE76 Delta E of each image's mean L*a*b
 colour), flagging a colour cast above 2.3, a just-noticeable difference. --latent-stats instead measures the mean and std of posterior
 samples and the scaling_factor = 1/std (and shift_factor = mean) that go with them.
 --diffusability (several --vae allowed; --data may be "demo") also trains a fixed small
-stage-2 U-Net on each VAE's normalised latents and measures its held-out loss (and its
-ratio to the i.i.d. reference), the latents' DCT spectra and, training-free, how the
-decoder renders latent midpoints (an SWD interpolation check): report.json, report.png
-and a table (docs/diffusability.md). The held-out part is split by source photo.
+stage-2 model (a U-Net, or a DiT with --probe-backbone dit) on each VAE's normalised
+latents and measures its held-out loss (and its ratio to the i.i.d. reference), the
+latents' DCT spectra and, training-free, how the decoder renders latent midpoints (an SWD
+interpolation check): report.json, report.png and a table (docs/diffusability.md). The
+held-out part is split by source photo.
 """
 
 import argparse
@@ -69,7 +70,10 @@ def parse_args(argv=None):
     dg = parser.add_argument_group("diffusability (latent_diffusion.probe)")
     dg.add_argument("--diffusability", action="store_true",
                     help="also probe how easily a diffusion model learns each VAE's latents")
-    dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default configs/latent_diffusion/probe.yaml)")
+    dg.add_argument("--probe-backbone", choices=("unet", "dit"), default=None,
+                    help="the probe's denoiser: unet (configs/latent_diffusion/probe.yaml, default) or dit (a small "
+                         "DiT, probe-dit.yaml: the backbone recent VAE papers rank latents with)")
+    dg.add_argument("--probe-config", help="stage-2 YAML of the probe (default: the --probe-backbone's bundled one)")
     dg.add_argument("--probe-steps", type=int, help="probe training steps (default: the probe config's)")
     dg.add_argument("--heldout-fraction", type=float, default=0.2,
                     help="share of the source photos held out, whole (default 0.2; --data demo: its 2 validation photos)")
@@ -87,6 +91,10 @@ def parse_args(argv=None):
         parser.error("--write-config and --shift-factor need --latent-stats")
     if args.tile_size is not None and not args.tiling:
         parser.error("--tile-size needs --tiling")
+    if args.probe_backbone and not args.diffusability:
+        parser.error("--probe-backbone needs --diffusability")
+    if args.probe_backbone and args.probe_config:
+        parser.error("--probe-backbone picks a bundled probe config; with --probe-config, set model.type in that YAML")
     return args
 
 
@@ -100,10 +108,11 @@ def main(argv=None):
                   num_workers=args.num_workers, device=args.device, progress=not args.quiet)
     try:
         if args.diffusability:
-            from latent_diffusion.probe import PROBE_CONFIG, diffusability_report, format_table
+            from latent_diffusion.probe import PROBE_CONFIGS, diffusability_report, format_table
 
             report = diffusability_report(
-                args.vae, args.data, out=args.out or "report.json", probe_config=args.probe_config or PROBE_CONFIG,
+                args.vae, args.data, out=args.out or "report.json",
+                probe_config=args.probe_config or PROBE_CONFIGS[args.probe_backbone or "unet"],
                 probe_steps=args.probe_steps, seed=args.seed, heldout_fraction=args.heldout_fraction,
                 vae_config=args.vae_config, work_dir=args.probe_work_dir, lpips=args.lpips, fid=args.fid,
                 source_pattern=args.source_pattern,

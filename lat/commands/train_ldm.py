@@ -1,6 +1,7 @@
-"""Train a latent diffusion U-Net on cached latents (stage 2 of latent diffusion).
+"""Train a latent diffusion model (a U-Net, or a DiT / SiT transformer) on cached latents (stage 2).
 
   lat train-ldm --config demo --latents runs/latents-demo
+  lat train-ldm --config dit-demo --latents runs/latents-demo          (DiT; + noise.prediction_type=flow: SiT)
   accelerate launch --mixed_precision bf16 -m lat train-ldm --config small \\
       --latents /data/latents --vae runs/my-vae/vae --output-dir runs/my-ldm
   accelerate launch -m lat train-ldm --config ... --latents ... --output-dir runs/my-ldm --resume latest
@@ -9,7 +10,7 @@
 `lat encode-latents`; --vae defaults to the VAE the cache records. Options after the
 flags are dotted config overrides (section.key=value); --dry-run prints the resolved
 config and exits. The run leaves checkpoints/, pipeline/ (a diffusers pipeline with the
-EMA U-Net and a model card), samples/, logs/, metrics.jsonl and config.yaml.
+EMA weights and a model card), samples/, logs/, metrics.jsonl and config.yaml.
 """
 
 import argparse
