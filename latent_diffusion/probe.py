@@ -12,10 +12,10 @@ stage-2 model, seed and budget:
    SOURCE PHOTO into a training part and a fixed held-out part (no photo on both sides).
 2. For each VAE (``probe_vae``): both parts are encoded into latent caches by
    ``latent_diffusion.encode.encode_latents`` (posterior means are what is used); the
-   latents are normalised with that VAE's own measured GLOBAL mean and std over its
-   training latents (``data.shift_factor`` / ``data.scaling_factor``: every VAE is judged
-   at unit variance, as ``scaling_factor`` does for SD; channels keep their relative
-   scales); then ``probe_latents`` trains the probe U-Net with the stage-2 loop itself
+   latents are standardised PER CHANNEL with that VAE's own measured means and stds over
+   its training latents (``data.latent_normalization: per_channel``, as LightningDiT
+   does: every VAE is judged at zero mean and unit variance in every channel, so channel
+   offsets cannot lower the score; ``global`` is the older, gameable alternative); then ``probe_latents`` trains the probe U-Net with the stage-2 loop itself
    (``latent_diffusion.train.main`` with ``configs/latent_diffusion/probe.yaml``,
    ``data.sample_posterior=false``, ``data.val_latents`` = the held-out cache, no sample
    grids) and reads its held-out curve from ``metrics.jsonl``: ``val/loss``, the
@@ -279,9 +279,15 @@ def probe_latents(
 ) -> dict[str, Any]:
     """Train the probe U-Net on one latent cache and follow its loss on a held-out one.
 
-    The normalisation is global and measured here: ``shift_factor`` = mean and
-    ``scaling_factor`` = 1 / std of the training cache's posterior means (the z the probe
-    trains on, ``data.sample_posterior=false``), applied to both caches. The run is
+    The normalisation is the probe config's ``data.latent_normalization``, measured on the
+    training cache's posterior means (the z the probe trains on,
+    ``data.sample_posterior=false``) and applied to both caches. ``per_channel`` (the
+    bundled probes' setting, LightningDiT's): each channel to mean 0 and std 1, so that
+    channel offsets and relative channel scales, which any stage-2 model would remove the
+    same way, do not change the score (with one global mean and std, channels whose means
+    differ have within-channel variance below 1 and a lower loss for no structural reason).
+    ``global``: ``shift_factor`` = the mean and ``scaling_factor`` = 1 / the std over all
+    channels (SD's convention; the probe before December 2026). The run is
     ``latent_diffusion.train.main`` on ``probe_config`` + ``overrides`` + those settings,
     with ``data.val_latents`` = the held-out cache and the sample grid off.
 
@@ -307,12 +313,28 @@ def probe_latents(
     stats = cache_statistics(train_latents)
     if not stats["global_std"] > 0:
         raise ValueError(f"the latents in {train_latents} are constant (std 0): nothing to normalise or learn")
-    shift, scale = stats["global_mean"], 1.0 / stats["global_std"]
     settings = [f"data.latents={train_latents}", f"data.val_latents={heldout_latents}", f"data.vae={vae}",
-                "data.sample_posterior=false", f"data.scaling_factor={scale!r}", f"data.shift_factor={shift!r}",
-                f"train.seed={seed}", "train.num_validation_samples=0"]
+                "data.sample_posterior=false", f"train.seed={seed}", "train.num_validation_samples=0"]
     if steps is not None:
         settings.append(f"train.max_steps={steps}")
+    kind = load_config(probe_config, [*overrides, *settings]).data.latent_normalization
+    if kind == "per_channel":  # each channel to mean 0, std 1 over the training latents (stage 2 measures them)
+        if not all(s > 0 for s in stats["per_channel_std"]):
+            raise ValueError(f"a channel of the latents in {train_latents} is constant (std 0): per-channel "
+                             f"normalisation cannot divide by it; probe with data.latent_normalization=global")
+        normalisation = {"kind": "per_channel", "latents_mean": stats["per_channel_mean"],
+                         "latents_std": stats["per_channel_std"],
+                         "what": "latents[:, c] = (mean[:, c] - latents_mean[c]) / latents_std[c], both measured on "
+                                 "this VAE's training latents: every channel mean 0, std 1"}
+        variances = [1.0] * len(stats["per_channel_std"])
+        settings.append("data.scaling_factor=1.0")
+    else:
+        shift, scale = stats["global_mean"], 1.0 / stats["global_std"]
+        normalisation = {"kind": "global", "shift_factor": shift, "scaling_factor": scale,
+                         "what": "latents = (mean - shift_factor) * scaling_factor, both measured on this VAE's "
+                                 "training latents: global mean 0, global std 1"}
+        variances = [(s * scale) ** 2 for s in stats["per_channel_std"]]
+        settings += [f"data.scaling_factor={scale!r}", f"data.shift_factor={shift!r}"]
     cfg = load_config(probe_config, [*overrides, *settings])
     t0 = time.perf_counter()
     train_ldm(cfg, out_dir, overwrite=True)
@@ -323,14 +345,11 @@ def probe_latents(
     area /= max(curve_steps[-1] - curve_steps[0], 1)  # trapezoidal integral / steps: the mean over the run
     noise = build_noise_scheduler(cfg.noise)
     t = validation_timesteps(cfg.noise.num_train_timesteps)
-    variances = [(s * scale) ** 2 for s in stats["per_channel_std"]]
     iid = iid_gaussian_loss(variances, noise.alphas_cumprod[t]) if cfg.noise.prediction_type == "epsilon" else None
     return {
         "latents": {**stats, "num_heldout": load_index(heldout_latents)["num_latents"],
                     "what": "posterior means of the training images, before normalisation"},
-        "normalisation": {"kind": "global", "shift_factor": shift, "scaling_factor": scale,
-                          "what": "latents = (mean - shift_factor) * scaling_factor, both measured on this VAE's "
-                                  "training latents: global mean 0, global std 1"},
+        "normalisation": normalisation,
         "spectrum": latent_spectrum(cache_means(train_latents)),
         "probe": {"steps": curve_steps, "loss": curve, "final": curve[-1], "area": area,
                   "train_loss": series["loss"][1][-1] if "loss" in series else None,
@@ -590,7 +609,7 @@ def diffusability_report(
     png = out.with_name(f"{out.stem}.png")
     report = {
         "format_version": REPORT_FORMAT_VERSION,
-        "what": ("diffusability probe: a fixed small stage-2 U-Net trained on each VAE's globally normalised "
+        "what": (f"diffusability probe: a fixed small stage-2 {cfg.model.type} trained on each VAE's normalised "
                  "latents; lower held-out loss (and final/iid) = easier for a diffusion model; beside it a training-free "
                  "interpolation check. Compare only VAEs probed together."),
         "data": {"source": str(data), "resolution": resolution, "heldout_fraction": heldout_fraction,
@@ -599,7 +618,9 @@ def diffusability_report(
         "probe": {"config_file": str(probe_config), "overrides": list(overrides),
                   "steps": probe_steps if probe_steps is not None else cfg.train.max_steps, "seed": seed,
                   "validation_steps": cfg.train.validation_steps, "num_val_latents": cfg.data.num_val_latents,
-                  "normalisation": "global: each VAE's own mean and std over its training latents",
+                  "normalisation": (f"{cfg.data.latent_normalization}: each VAE's own "
+                                    + ("per-channel means and stds" if cfg.data.latent_normalization == "per_channel"
+                                       else "mean and std over all channels") + " over its training latents"),
                   "area": "trapezoidal area under the held-out curve / steps (the mean held-out loss over the run)",
                   "relative": ("final and area / iid_gaussian_loss: the epsilon-MSE of the best predictor that knows "
                                "only each channel's mean and variance, on the same timesteps (1 = no structure learnt)"),

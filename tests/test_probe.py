@@ -99,9 +99,10 @@ def test_probe_loss_falls_and_white_noise_in_the_latents_scores_worse(probe_data
     curve = clean["probe"]["loss"]
     assert clean["probe"]["steps"] == [0, 10, 20, 30, 40]
     assert curve[-1] < 0.7 * curve[0] and clean["probe"]["area"] < curve[0]
-    assert clean["normalisation"]["kind"] == "global"
-    # Stage 2 used the held-out cache for val/loss and drew no sample grid.
+    assert clean["normalisation"]["kind"] == "per_channel"  # the bundled probe's: channel offsets cannot score
+    # Stage 2 used the held-out cache for val/loss, the per-channel normalisation, and drew no sample grid.
     saved = load_config(tmp_path / "clean" / "config.yaml")
+    assert saved.data.latent_normalization == "per_channel" and saved.data.shift_factor is None
     assert saved.data.val_latents == str(root / "latents-heldout") and saved.train.num_validation_samples == 0
     assert not (tmp_path / "clean" / "samples").exists()
 
@@ -149,7 +150,7 @@ def test_report_holds_every_field_for_two_vaes_and_the_command_prints_the_table(
     for vae in report["vaes"]:
         assert {"psnr", "ssim", "lpips", "rfid", "kl"} <= set(vae["reconstruction"])
         assert {"per_channel_mean", "per_channel_std", "global_mean", "global_std"} <= set(vae["latents"])
-        assert len(vae["latents"]["per_channel_std"]) == 4 and vae["normalisation"]["kind"] == "global"
+        assert len(vae["latents"]["per_channel_std"]) == 4 and vae["normalisation"]["kind"] == "per_channel"
         assert {"frequency", "power", "high_frequency_fraction", "white_noise_fraction"} <= set(vae["spectrum"])
         probe = vae["probe"]
         assert probe["steps"][-1] == 20 and len(probe["loss"]) == len(probe["steps"])
@@ -184,9 +185,6 @@ def offset_vae(src: Path, dst: Path, offsets: torch.Tensor) -> None:
     vae.save_pretrained(dst)
 
 
-@pytest.mark.xfail(strict=True, reason="needs per-channel standardisation of the probe's latents "
-                                       "(data.latent_normalization: per_channel, issue 19); with the global "
-                                       "normalisation channel offsets change the score")
 def test_latent_sets_that_differ_only_in_channel_offsets_get_the_same_score(probe_data, tmp_path):
     root = probe_data["root"]
     std = float(torch.cat([map_shard(root / "latents-train" / s["file"])["mean"]
