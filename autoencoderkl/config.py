@@ -272,13 +272,13 @@ class VAEConfig:
 # Values that must come from a fixed set, checked after merging.
 # Choices of the keys both stages have (LoopConfig and the optimizer schedule).
 LOOP_CHOICES: dict[str, tuple[str, ...]] = {
-    "model.type": ("kl", "kl_flux2"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.nonfinite_action": ("stop", "rollback"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
     "optim.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
+    "model.type": ("kl", "kl_flux2"),
     "loss.pixel_loss": ("l1", "l2"),
     "loss.perceptual_pretrained": ("true", "false", "auto"),
     "loss.disc_loss": ("hinge", "vanilla"),

@@ -100,7 +100,7 @@ def test_nan_once_is_skipped_and_nan_always_stops(cache, tmp_path, monkeypatch):
     monkeypatch.undo()
     reset_accelerate_state()
     inject_into_loss(monkeypatch, lambda i, loss: loss * math.nan)
-    with pytest.raises(TrainingStopped, match=r"2 consecutive optimizer steps had NaN/inf gradients \(up to step \d+, the last in the U-Net"):
+    with pytest.raises(TrainingStopped, match=r"2 consecutive optimizer steps had NaN/inf gradients \(up to step \d+, the last in the UNet2DModel"):
         run(cache, tmp_path / "always", **{"train.max_consecutive_nonfinite": 2})
 
 

@@ -259,14 +259,14 @@ def test_resume_continues_at_the_right_step_bit_exactly(cache, tmp_path, predict
 def test_bf16_autocast_with_accumulation_keeps_fp32_master_weights(cache, tmp_path, monkeypatch):
     import latent_diffusion.train as ldm_train
 
-    dtypes, build = [], ldm_train.build_unet  # what the U-Net's last layer computes in, per training forward
+    dtypes, build = [], ldm_train.build_denoiser  # what the U-Net's last layer computes in, per training forward
 
     def recorded(*args, **kwargs):
         unet = build(*args, **kwargs)  # (accelerate hands the U-Net's own output back in fp32)
         unet.conv_out.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype) if m.training else None)
         return unet
 
-    monkeypatch.setattr(ldm_train, "build_unet", recorded)
+    monkeypatch.setattr(ldm_train, "build_denoiser", recorded)
     out = tmp_path / "bf16"
     summary = run(cache, out, **{"train.mixed_precision": "bf16", "train.gradient_accumulation_steps": 2,
                                  "train.max_steps": 2})

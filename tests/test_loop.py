@@ -131,8 +131,9 @@ def test_stage1_with_ema_exports_the_ema_weights(stage1):
 
 
 def test_stage1_holds_out_evenly_spaced_images_that_never_train(stage1):
-    (train, is_train), (val, is_val) = stage1["seen"]["folders"]
-    assert is_train and not is_val
+    (train, is_train), (val, is_val), (measured, is_measured) = stage1["seen"]["folders"]
+    assert is_train and not is_val and not is_measured
+    assert set(measured) <= set(train)  # val/train_psnr: training photos, measured like the held-out ones
     photos = stage1["photos"]
     assert val == [photos[0], photos[5]]  # data.num_val_images=2 of 6, evenly spaced
     assert not set(train) & set(val) and sorted(train + val) == sorted(photos)
@@ -335,7 +336,8 @@ def per_sample_draws(real):
     """``diffusion_loss`` with each sample's noise and t drawn from a generator seeded by its
     own values, so that they do not depend on how the samples are grouped into batches."""
 
-    def loss(unet, noise_scheduler, latents, class_labels, snr_gamma=None, noise=None, timesteps=None, noise_cfg=None):
+    def loss(unet, noise_scheduler, latents, class_labels, snr_gamma=None, noise=None, timesteps=None, noise_cfg=None,
+             **kwargs):
         noise, timesteps = [], []
         for x in latents:
             seed = int.from_bytes(hashlib.sha256(x.detach().cpu().numpy().tobytes()).digest()[:8], "little")
@@ -343,7 +345,7 @@ def per_sample_draws(real):
             noise.append(torch.randn(x.shape, generator=g))
             timesteps.append(torch.randint(0, noise_scheduler.config.num_train_timesteps, (), generator=g))
         return real(unet, noise_scheduler, latents, class_labels, snr_gamma, torch.stack(noise).to(latents),
-                    torch.stack(timesteps).to(latents.device), noise_cfg)
+                    torch.stack(timesteps).to(latents.device), noise_cfg, **kwargs)
 
     return loss
 

@@ -33,8 +33,9 @@ def lat(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.Com
 
 @pytest.fixture
 def no_hub(monkeypatch):
-    """``AutoencoderKL.from_pretrained`` that records its calls: the HF cache is empty, the network is never used."""
-    from diffusers import AutoencoderKL
+    """``AutoModel.from_pretrained`` (what Hub ids load through) that records its calls: the HF cache is empty,
+    the network is never used."""
+    from diffusers import AutoModel
 
     calls = []
 
@@ -42,7 +43,7 @@ def no_hub(monkeypatch):
         calls.append((str(name), subfolder, local_files_only))
         raise OSError(f"{name} is not in the cache" if local_files_only else "network used in a test")
 
-    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(AutoModel, "from_pretrained", from_pretrained)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
@@ -271,7 +272,8 @@ def test_a_failed_command_leaves_no_empty_folder(tmp_path):
     probe = lat("eval-vae", "--vae", "vae", "--data", "one", "--resolution", "16", "--diffusability",
                 "--out", "reports/report.json", cwd=tmp_path)
     assert inspect.stderr.splitlines()[-1] == "error: image nosuch.png does not exist"
-    assert probe.returncode == 1 and probe.stderr.splitlines()[-1].startswith("error: one: 0 training and 1 held-out")
+    assert probe.returncode == 1 and probe.stderr.splitlines()[-1].startswith(
+        "error: one: all 1 images come from one source photo; the probe needs at least two")
     assert not (tmp_path / "pictures").exists() and not (tmp_path / "reports").exists()
 
 
