@@ -609,11 +609,18 @@ def latent_statistics(
         vae, data, resolution, batch_size, max_images, num_workers, device, vae_config:
             as ``evaluate_vae``.
         seed: seed of the posterior noise.
+    An ``AutoencoderKLFlux2`` (``model.type: kl_flux2``) normalises its latents with its own
+    batch norm, so no ``scaling_factor`` applies to it: the report adds ``batch_norm``, the
+    mean and std of the latents after that normalisation (near 0 and 1 when the running
+    statistics fit this data), and stage 2 uses the batch norm as it is.
+
     Returns:
         ``num_images``, ``resolution``, ``elements_per_channel``, ``per_channel`` (``mean``,
         ``std`` lists of c floats), ``mean``, ``std`` (global), ``scaling_factor``,
         ``shift_factor``, ``seed``, ``skipped``, and the VAE's current values as
-        ``config_scaling_factor`` / ``config_shift_factor``.
+        ``config_scaling_factor`` / ``config_shift_factor`` (None when its config has
+        none); for a kl_flux2 VAE also ``batch_norm`` (``mean``, ``std`` of the normalised
+        latents, global).
     Raises:
         As ``evaluate_vae``.
     """
@@ -626,6 +633,12 @@ def latent_statistics(
     s1 = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     count = images = 0
+    bn = getattr(model, "bn", None)
+    if bn is not None:  # FLUX.2: the batch norm's running statistics are the normalisation
+        from latent_diffusion.pipeline import LatentNormalization
+
+        own = LatentNormalization.from_vae(model)
+        n1 = n2 = 0.0
     bar = tqdm(total=len(paths), desc="latent_stats", unit="img", disable=not progress, dynamic_ncols=True)
     for items in _loader(EvalImages(paths, resolution), batch_size, num_workers):
         bar.update(len(items))  # the encoder alone is quick; count each batch as it arrives
@@ -637,6 +650,9 @@ def latent_statistics(
         z = model.encode(x).latent_dist.sample(generator=generator).double().cpu()  # (B, c, h, w)
         s1 += z.sum((0, 2, 3))
         s2 += (z**2).sum((0, 2, 3))
+        if bn is not None:
+            zn = own.normalize(z)
+            n1, n2 = n1 + float(zn.sum()), n2 + float((zn**2).sum())
         count += z.shape[0] * z.shape[2] * z.shape[3]
         images += len(items)
     bar.close()
@@ -651,8 +667,11 @@ def latent_statistics(
         "what": f"posterior samples z = mean + std * eps (seed {seed}), before any scaling",
         "per_channel": {"mean": mean_c.tolist(), "std": std_c.tolist()},
         "mean": mean, "std": std, "scaling_factor": 1.0 / std, "shift_factor": mean,
-        "config_scaling_factor": model.config.scaling_factor, "config_shift_factor": model.config.get("shift_factor"),
+        "config_scaling_factor": model.config.get("scaling_factor"), "config_shift_factor": model.config.get("shift_factor"),
         "seed": seed, "skipped": [[str(p), r] for p, r in skipped],
+        **({"batch_norm": {"mean": n1 / (count * c), "std": math.sqrt(max(n2 / (count * c) - (n1 / (count * c)) ** 2, 0.0)),
+                           "what": "the same samples after the VAE's own batch-norm normalisation (FLUX.2), which "
+                                   "stage 2 uses instead of a scaling_factor"}} if bn is not None else {}),
     }
 
 

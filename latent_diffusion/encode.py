@@ -72,6 +72,7 @@ from autoencoderkl.model import load_vae, vae_weights_sha256
 from autoencoderkl.launch import build_accelerator, set_cpu_threads
 
 from .latents import DTYPES, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, SHARD_TEMPLATE, PathLike, load_index
+from .pipeline import LatentNormalization
 
 logger = logging.getLogger(__name__)
 
@@ -512,6 +513,16 @@ def _check_manifest(out: Path, plan: dict[str, Any]) -> bool:
     return True
 
 
+def _own_normalization(vae: Any) -> dict[str, Any]:
+    """``{"latent_normalization": ...}`` for a VAE that defines its own (FLUX.2's batch norm), else {}.
+
+    Recorded in the cache index beside the VAE's hash, so stage 2 and the probe normalise a
+    kl_flux2 cache with exactly the statistics of the weights that made it.
+    """
+    norm = LatentNormalization.from_vae(vae)
+    return {"latent_normalization": norm.to_dict()} if norm.kind == "batch_norm" else {}
+
+
 def encode_latents(
     vae_path: PathLike,
     data: PathLike,
@@ -613,7 +624,8 @@ def encode_latents(
         "format_version": FORMAT_VERSION,
         "settings": {"data": identity, "resolution": resolution, "hflip": hflip, "dtype": dtype,
                      "shard_size": shard_size},
-        "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(Path(vae_path).resolve())},
+        "vae": {"sha256": vae_weights_sha256(vae), "config": _vae_config(vae), "path": str(Path(vae_path).resolve()),
+                **_own_normalization(vae)},
         "latent_shape": list(latent_shape),
         "num_shards": num_shards,
         "sources": names,

@@ -250,7 +250,7 @@ def encode_images(
     Returns:
         (N, c * h * w) float32: the posterior means, normalised as in training.
     """
-    normalization = LatentNormalization.from_vae_config(vae.config)
+    normalization = LatentNormalization.from_vae(vae)
     out = []
     for x in _batches(images, batch_size, device, "encode", progress):
         mean, _ = encode_batch(vae, x.float() / 127.5 - 1)  # (b, c, h, w)

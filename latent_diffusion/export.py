@@ -72,8 +72,11 @@ def plain_pipeline(pipeline: LatentDiffusionPipeline) -> tuple[Optional[str], li
     if pipeline.config.prediction_type == "flow":
         reasons.append(f"flow matching: {family.plain_pipeline} steps DDPM-family schedulers (it calls "
                        f"scale_model_input, which the FlowMatch schedulers lack)")
-    norm = LatentNormalization.from_vae_config(pipeline.vae.config)
-    if norm.kind != "global":
+    norm = LatentNormalization.from_vae(pipeline.vae)
+    if norm.kind == "batch_norm":
+        reasons.append(f"FLUX.2's batch-norm latent normalisation: {family.plain_pipeline} decodes latents / "
+                       f"scaling_factor and knows nothing of the VAE's batch norm")
+    elif norm.kind != "global":
         reasons.append(f"{norm.kind} latent normalisation: {family.plain_pipeline} decodes latents / scaling_factor "
                        f"and ignores latents_mean / latents_std")
     elif norm.shift_factor:
@@ -171,8 +174,11 @@ def write_pipeline_card(folder: str | os.PathLike, pipeline: LatentDiffusionPipe
            f"{', ...' if len(classes) > 10 else ''}), classifier-free guidance" if classes else "unconditional"
     c, h = denoiser.config.in_channels, denoiser.config.sample_size
     f = 2 ** (len(vae.config.block_out_channels) - 1)
-    norm = LatentNormalization.from_vae_config(vae.config)
-    if norm.kind == "per_channel":
+    norm = LatentNormalization.from_vae(vae)
+    if norm.kind == "batch_norm":
+        scale = ("FLUX.2's batch norm: each latent cell `(z - running_mean) / sqrt(running_var + eps)` with the "
+                 "statistics of its 2x2-patchified channel, from the VAE's own `bn` buffers; no scaling_factor")
+    elif norm.kind == "per_channel":
         scale = (f"per channel: `(z - latents_mean) * scaling_factor / latents_std`, scaling_factor "
                  f"{norm.scaling_factor:.6g} (`latents_mean` / `latents_std` in `vae/config.json`)")
     else:

@@ -158,11 +158,22 @@ def normalization_from_cache(
     ``index["scaling_factor"]``; or the posterior means with ``sample_posterior=False``);
     ``shift_factor`` None -> 0.0 (SD 1.x/2.x). per_channel: each channel's mean and std of
     the same z (``stats.mean`` / ``stats.std``, or ``stats.posterior_mean``'s), times
-    ``scaling_factor`` (None -> 1.0); no shift_factor.
+    ``scaling_factor`` (None -> 1.0); no shift_factor. A cache made by a VAE with its own
+    normalisation (FLUX.2's batch norm, ``index["vae"]["latent_normalization"]``) always
+    gets that one, whatever ``kind`` says: ``data.latent_normalization`` chooses for
+    ``AutoencoderKL`` caches, and a scaling on top of the batch norm is refused.
 
     Raises:
-        ValueError: an unknown kind, a std of 0, or a shift_factor with per_channel.
+        ValueError: an unknown kind, a std of 0, a shift_factor with per_channel, or a
+            scaling_factor / shift_factor with a batch-norm cache.
     """
+    own = index.get("vae", {}).get("latent_normalization")
+    if own is not None:
+        if scaling_factor not in (None, 1.0) or shift_factor:
+            raise ValueError(f"{where} was made by a VAE with its own latent normalisation ({own['kind']}: FLUX.2's "
+                             f"batch norm); it is used as is, with no scaling_factor / shift_factor on top (got "
+                             f"{scaling_factor} / {shift_factor}): remove them")
+        return LatentNormalization.from_dict(own)
     stats = index["stats"] if sample_posterior else index["stats"]["posterior_mean"]
     if kind == "per_channel":
         if shift_factor is not None:

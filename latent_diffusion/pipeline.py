@@ -143,7 +143,7 @@ def learns_sigma(model: nn.Module) -> bool:
 
 # ---- latent normalisation ----------------------------------------------------------------
 
-LATENT_NORMALIZATIONS = ("global", "per_channel")
+LATENT_NORMALIZATIONS = ("global", "per_channel", "batch_norm")
 
 
 class LatentNormalization:
@@ -162,38 +162,80 @@ class LatentNormalization:
         latents = (z - latents_mean[c]) * scaling_factor / latents_std[c]
         z = latents * latents_std[c] / scaling_factor + latents_mean[c]
 
-    Both are stored in the VAE's config (``vae_config`` / ``from_vae_config``), so a saved
-    pipeline carries what it was trained on. A new kind is one more branch in
-    ``from_vae_config``, ``normalize`` and ``denormalize``.
+    ``batch_norm`` (FLUX.2's ``AutoencoderKLFlux2``: a non-affine BatchNorm over the 2x2-
+    patchified latents, whose running statistics are the VAE's own normalisation; diffusers'
+    ``Flux2Pipeline`` patchifies, then applies ``(x - running_mean) / sqrt(running_var +
+    eps)``). Written in z's own f8 layout, with k = c p q + (y mod p) q + (x mod q) the
+    patchified channel that cell (c, y, x) lands in::
+
+        latents[:, c, y, x] = (z[:, c, y, x] - latents_mean[k]) / latents_std[k]
+
+    which is exactly FLUX.2's patchify -> batch norm -> unpatchify (a test checks it
+    against ``vae.bn``), so a DiT with 2x2 patches sees FLUX.2's tokens. No scaling on top:
+    ``scaling_factor`` is 1. The statistics live in the VAE's ``bn`` buffers, not its
+    config (``from_vae`` reads them).
+
+    global and per_channel are stored in the VAE's config (``vae_config`` /
+    ``from_vae_config``), so a saved pipeline carries what it was trained on. A new kind is
+    one more branch in ``from_vae``, ``normalize`` and ``denormalize``.
 
     Args:
-        kind: ``global`` | ``per_channel``.
-        scaling_factor: > 0.
+        kind: ``global`` | ``per_channel`` | ``batch_norm``.
+        scaling_factor: > 0 (1 for batch_norm).
         shift_factor: global only.
-        latents_mean, latents_std: per_channel only: c floats each, every std > 0.
+        latents_mean, latents_std: per_channel: c floats each; batch_norm: c p q floats
+            each (the patchified channels); every std > 0.
+        patch_size: batch_norm only: (p, q).
     Raises:
         ValueError: on an unknown kind, a missing or inconsistent value.
     """
 
     def __init__(self, kind: str = "global", scaling_factor: float = 1.0, shift_factor: float = 0.0,
-                 latents_mean: Optional[Sequence[float]] = None, latents_std: Optional[Sequence[float]] = None):
+                 latents_mean: Optional[Sequence[float]] = None, latents_std: Optional[Sequence[float]] = None,
+                 patch_size: Optional[Sequence[int]] = None):
         if kind not in LATENT_NORMALIZATIONS:
             raise ValueError(f"latent normalisation must be one of {list(LATENT_NORMALIZATIONS)}, got {kind!r}")
         if not scaling_factor > 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
         self.kind, self.scaling_factor = kind, float(scaling_factor)
         self.shift_factor = float(shift_factor or 0.0)
-        self.latents_mean = self.latents_std = None
-        if kind == "per_channel":
+        self.latents_mean = self.latents_std = self.patch_size = None
+        if kind == "batch_norm":
+            if self.scaling_factor != 1.0 or self.shift_factor:
+                raise ValueError(f"batch_norm normalisation is the VAE's own (FLUX.2's batch norm): no scaling_factor "
+                                 f"or shift_factor on top, got {scaling_factor} and {shift_factor}")
+            if patch_size is None or len(patch_size) != 2 or latents_mean is None or latents_std is None or not (
+                    len(latents_mean) == len(latents_std) and len(latents_mean) % (patch_size[0] * patch_size[1]) == 0):
+                raise ValueError(f"batch_norm normalisation needs a patch_size (p, q) and latents_mean / latents_std of "
+                                 f"c * p * q entries each, got {patch_size}, {latents_mean} and {latents_std}")
+            self.patch_size = [int(v) for v in patch_size]
+        if kind in ("per_channel", "batch_norm"):
             if latents_mean is None or latents_std is None or len(latents_mean) != len(latents_std):
                 raise ValueError(f"per_channel normalisation needs latents_mean and latents_std of one length, got "
                                  f"{latents_mean} and {latents_std}")
             if not all(s > 0 for s in latents_std):
                 raise ValueError(f"latents_std must be > 0 in every channel, got {list(latents_std)}")
             if self.shift_factor:
-                raise ValueError("per_channel normalisation takes no shift_factor (latents_mean is the shift)")
+                raise ValueError(f"{kind} normalisation takes no shift_factor (latents_mean is the shift)")
             self.latents_mean, self.latents_std = [float(v) for v in latents_mean], [float(v) for v in latents_std]
         self._tensors: dict[Any, tuple[Tensor, Tensor]] = {}
+
+    @classmethod
+    def from_vae(cls, vae: Any) -> "LatentNormalization":
+        """The normalisation a VAE defines: ``batch_norm`` from an ``AutoencoderKLFlux2``'s ``bn``
+        buffers (std = sqrt(running_var + eps)), else ``from_vae_config(vae.config)``."""
+        bn = getattr(vae, "bn", None)
+        if isinstance(bn, torch.nn.BatchNorm2d) and bn.running_mean is not None:
+            std = torch.sqrt(bn.running_var.double() + bn.eps)
+            return cls("batch_norm", latents_mean=bn.running_mean.double().tolist(), latents_std=std.tolist(),
+                       patch_size=list(vae.config.patch_size))
+        return cls.from_vae_config(vae.config)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatentNormalization":
+        """The inverse of ``to_dict`` (what checkpoints, reports and cache indexes keep)."""
+        return cls(d["kind"], d.get("scaling_factor") or 1.0, d.get("shift_factor") or 0.0,
+                   latents_mean=d.get("latents_mean"), latents_std=d.get("latents_std"), patch_size=d.get("patch_size"))
 
     @classmethod
     def from_vae_config(cls, config: Any) -> "LatentNormalization":
@@ -205,7 +247,12 @@ class LatentNormalization:
         return cls("global", config.get("scaling_factor") or 1.0, config.get("shift_factor") or 0.0)
 
     def vae_config(self) -> dict[str, Any]:
-        """The VAE config fields that record it (``vae.register_to_config(**this)``); the unused ones set to None."""
+        """The VAE config fields that record it (``vae.register_to_config(**this)``); the unused ones set to None.
+
+        batch_norm records nothing: its statistics are the VAE's own ``bn`` buffers.
+        """
+        if self.kind == "batch_norm":
+            return {}
         if self.kind == "per_channel":
             return {"scaling_factor": self.scaling_factor, "shift_factor": None,
                     "latents_mean": list(self.latents_mean), "latents_std": list(self.latents_std)}
@@ -214,6 +261,9 @@ class LatentNormalization:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (``kind`` plus ``vae_config``): what checkpoints and reports keep."""
+        if self.kind == "batch_norm":
+            return {"kind": self.kind, "scaling_factor": 1.0, "patch_size": list(self.patch_size),
+                    "latents_mean": list(self.latents_mean), "latents_std": list(self.latents_std)}
         return {"kind": self.kind, **self.vae_config()}
 
     def __eq__(self, other: object) -> bool:
@@ -223,12 +273,23 @@ class LatentNormalization:
         return f"LatentNormalization({self.to_dict()})"
 
     def _per_channel(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(c, 1, 1) mean and std on ``like``'s device and dtype (cached)."""
-        key = (like.device, like.dtype)
+        """Mean and std broadcastable to ``like`` (..., c, h, w), on its device and dtype (cached).
+
+        per_channel: (c, 1, 1). batch_norm: (c, h, w), entry (c, y, x) the statistic of
+        patchified channel c p q + (y mod p) q + (x mod q).
+        """
+        key = (like.device, like.dtype, tuple(like.shape[-2:]) if self.kind == "batch_norm" else None)
         if key not in self._tensors:
-            mean = torch.tensor(self.latents_mean, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-            std = torch.tensor(self.latents_std, dtype=like.dtype, device=like.device).view(-1, 1, 1)
-            self._tensors[key] = (mean, std)
+            mean = torch.tensor(self.latents_mean, dtype=torch.float64)
+            std = torch.tensor(self.latents_std, dtype=torch.float64)
+            if self.kind == "batch_norm":
+                (p, q), (h, w) = self.patch_size, like.shape[-2:]
+                if h % p or w % q:
+                    raise ValueError(f"latents of {h}x{w} cells do not split into the batch norm's {p}x{q} patches")
+                mean, std = (torch.tile(v.view(-1, p, q), (1, h // p, w // q)) for v in (mean, std))
+            else:
+                mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
+            self._tensors[key] = (mean.to(like.device, like.dtype), std.to(like.device, like.dtype))
         return self._tensors[key]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -236,6 +297,9 @@ class LatentNormalization:
 
     def normalize(self, z: Tensor) -> Tensor:
         """Raw latents (..., c, h, w) -> what the denoiser sees, same shape and dtype."""
+        if self.kind == "batch_norm":
+            mean, std = self._per_channel(z)
+            return (z - mean) / std
         if self.kind == "per_channel":
             mean, std = self._per_channel(z)
             return (z - mean) * self.scaling_factor / std
@@ -243,6 +307,9 @@ class LatentNormalization:
 
     def denormalize(self, latents: Tensor) -> Tensor:
         """The inverse of ``normalize``: the denoiser's latents (..., c, h, w) -> raw latents for ``vae.decode``."""
+        if self.kind == "batch_norm":
+            mean, std = self._per_channel(latents)
+            return latents * std + mean
         if self.kind == "per_channel":
             mean, std = self._per_channel(latents)
             return latents * std / self.scaling_factor + mean
@@ -538,7 +605,7 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            z = LatentNormalization.from_vae_config(self.vae.config).denormalize(latents)  # undo the training scale
+            z = LatentNormalization.from_vae(self.vae).denormalize(latents)  # undo the training scale
             decoded = self.vae.decode(z.to(self.vae.dtype)).sample.float()  # (B, 3, H, W), about [-1, 1]
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()

@@ -74,6 +74,7 @@ from autoencoderkl.visualize import chart, hstack, read_metrics, to_pil
 from .config import load_config
 from .encode import PathLike, Source, encode_batch, list_sources, load_source
 from .latents import load_index, map_shard
+from .pipeline import LatentNormalization
 from .model import build_noise_scheduler
 from .spectrum import HALF_NYQUIST, latent_spectrum
 from .swd import swd
@@ -318,7 +319,13 @@ def probe_latents(
     if steps is not None:
         settings.append(f"train.max_steps={steps}")
     kind = load_config(probe_config, [*overrides, *settings]).data.latent_normalization
-    if kind == "per_channel":  # each channel to mean 0, std 1 over the training latents (stage 2 measures them)
+    own = load_index(train_latents)["vae"].get("latent_normalization")
+    if own is not None:  # FLUX.2's batch norm: the VAE's own normalisation, what its stage 2 will see
+        normalisation = {**own, "what": "the VAE's own batch-norm statistics (FLUX.2): each latent cell minus the "
+                                        "running mean of its patchified channel, over sqrt(running var + eps)"}
+        z = LatentNormalization.from_dict(own).normalize(torch.cat(list(cache_means(train_latents))).double())
+        variances = z.transpose(0, 1).flatten(1).var(dim=1, unbiased=False).tolist()  # per channel, as normalised
+    elif kind == "per_channel":  # each channel to mean 0, std 1 over the training latents (stage 2 measures them)
         if not all(s > 0 for s in stats["per_channel_std"]):
             raise ValueError(f"a channel of the latents in {train_latents} is constant (std 0): per-channel "
                              f"normalisation cannot divide by it; probe with data.latent_normalization=global")

@@ -248,7 +248,7 @@ def sample(
                 "class_label": class_label, "guidance_scale": guidance_scale,
                 "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed,
                 "class_names": pipeline.config.class_names, "denoiser": type(pipeline.denoiser).__name__,
-                "latent_normalization": LatentNormalization.from_vae_config(pipeline.vae.config).to_dict(),
+                "latent_normalization": LatentNormalization.from_vae(pipeline.vae).to_dict(),
                 "vae_scaling_factor": pipeline.vae.config.scaling_factor,
                 "vae_shift_factor": pipeline.vae.config.shift_factor}
     write_atomic(out / "sampling.json", json.dumps(settings, indent=2) + "\n")

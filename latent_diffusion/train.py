@@ -437,6 +437,9 @@ def sample_grid(
 def describe_normalization(normalization: LatentNormalization | dict[str, Any]) -> str:
     """One line for logs and errors: the kind and its values."""
     d = normalization.to_dict() if isinstance(normalization, LatentNormalization) else normalization
+    if d["kind"] == "batch_norm":
+        return (f"the VAE's own batch-norm normalisation (FLUX.2; {len(d['latents_mean'])} patchified channels, "
+                f"patch {d['patch_size']})")
     if d["kind"] == "per_channel":
         return (f"per_channel normalisation (mean {[round(v, 4) for v in d['latents_mean']]}, std "
                 f"{[round(v, 4) for v in d['latents_std']]}, scaling_factor {d['scaling_factor']:.6g})")

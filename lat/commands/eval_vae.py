@@ -127,12 +127,21 @@ def main(argv=None):
             stats["vae"] = args.vae
             out = args.out or "latent_stats.json"
             write_json(out, stats)
-            print(f"{stats['num_images']} images: latent mean {stats['mean']:.4f}, std {stats['std']:.4f} -> "
-                  f"scaling_factor {stats['scaling_factor']:.5f} (config has {stats['config_scaling_factor']}), "
-                  f"shift_factor {stats['shift_factor']:.4f}")
+            if "batch_norm" in stats:
+                bn = stats["batch_norm"]
+                print(f"{stats['num_images']} images: latent mean {stats['mean']:.4f}, std {stats['std']:.4f}; this "
+                      f"kl_flux2 VAE normalises with its own batch norm (no scaling_factor): normalised mean "
+                      f"{bn['mean']:.4f}, std {bn['std']:.4f}")
+            else:
+                print(f"{stats['num_images']} images: latent mean {stats['mean']:.4f}, std {stats['std']:.4f} -> "
+                      f"scaling_factor {stats['scaling_factor']:.5f} (config has {stats['config_scaling_factor']}), "
+                      f"shift_factor {stats['shift_factor']:.4f}")
             print("per channel mean", json.dumps([round(v, 4) for v in stats["per_channel"]["mean"]]),
                   "std", json.dumps([round(v, 4) for v in stats["per_channel"]["std"]]))
             print(f"wrote {out}")
+            if args.write_config and "batch_norm" in stats:
+                sys.exit("error: --write-config: a kl_flux2 VAE's normalisation is its batch norm's running "
+                         "statistics, not a scaling_factor in its config; nothing to write")
             if args.write_config:
                 path = write_config_with_latent_stats(vae, stats, args.write_config, shift=args.shift_factor)
                 print(f"wrote {path}")
