@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Union
 
@@ -85,7 +86,9 @@ def load_vae_from_hub(repo_id: str) -> Any:
     repo, subfolders = "/".join(parts[:2]), (["/".join(parts[2:])] if len(parts) > 2 else [None, "vae"])
     for subfolder in subfolders:  # the HF cache first: no network
         try:
-            return AutoModel.from_pretrained(repo, subfolder=subfolder, local_files_only=True).eval()
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notice for an argument diffusers passes
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*", category=UserWarning)
+                return AutoModel.from_pretrained(repo, subfolder=subfolder, local_files_only=True).eval()
         except (OSError, ValueError):
             pass
     download = (f"Download it first on a machine with network: hf download {repo} --local-dir DIR, then pass DIR "
@@ -93,7 +96,8 @@ def load_vae_from_hub(repo_id: str) -> Any:
     offline = _offline_reason()
     if offline is not None:
         raise FileNotFoundError(f"{repo_id} is not a local path and not in the Hugging Face cache, and this machine is "
-                                f"offline ({offline}), so the Hub cannot be asked. {download}")
+                                f"offline ({offline}), so the Hub cannot be asked. If it is a local folder, check the path (it "
+                                f"does not exist here); if it is a Hub model, {download[0].lower()}{download[1:]}")
     errors = []
     for subfolder in subfolders:
         try:
