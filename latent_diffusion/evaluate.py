@@ -655,7 +655,7 @@ def evaluate_ldm(
                   "prediction_type": pipeline.config.prediction_type,
                   "unet_parameters": sum(p.numel() for p in pipeline.denoiser.parameters()),  # the denoiser's
                   "num_classes": pipeline.num_classes, "resolution": resolution,
-                  "vae_scaling_factor": vae.config.scaling_factor, "vae_shift_factor": vae.config.shift_factor},
+                  "vae_scaling_factor": vae.config.get("scaling_factor"), "vae_shift_factor": vae.config.get("shift_factor")},
         "samples": sampling,
         "reference": {"path": str(reference), "kind": ref["kind"], "num_images": len(ref["names"]),
                       "max_images": max_reference, "num_skipped": len(ref["skipped"]), "skipped": ref["skipped"][:20]},

@@ -249,8 +249,8 @@ def sample(
                 "guidance_interval": list(guidance_interval) if guidance_interval else None, "seed": seed,
                 "class_names": pipeline.config.class_names, "denoiser": type(pipeline.denoiser).__name__,
                 "latent_normalization": LatentNormalization.from_vae(pipeline.vae).to_dict(),
-                "vae_scaling_factor": pipeline.vae.config.scaling_factor,
-                "vae_shift_factor": pipeline.vae.config.shift_factor}
+                "vae_scaling_factor": pipeline.vae.config.get("scaling_factor"),
+                "vae_shift_factor": pipeline.vae.config.get("shift_factor")}
     write_atomic(out / "sampling.json", json.dumps(settings, indent=2) + "\n")
     return {"paths": paths, "grid": grid, "seconds": seconds, "images_per_sec": num_images / seconds,
             "settings": settings}

@@ -19,6 +19,7 @@ from latent_diffusion.export import load_pipeline, plain_pipeline
 from latent_diffusion.latents import LatentDataset, load_index, map_shard
 from latent_diffusion.pipeline import LatentNormalization
 from latent_diffusion.probe import probe_latents
+from latent_diffusion.sample import sample
 from test_flux2 import tiny_flux2
 from test_ldm import overrides
 from latent_diffusion.config import load_config
@@ -94,6 +95,8 @@ def test_stage_2_on_a_flux2_cache_trains_samples_and_decodes_through_the_batch_n
                                [None, :, None, None] + pipeline.vae.bn.running_mean[None, :, None, None])
         by_hand = (pipeline.vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     assert torch.allclose(images, by_hand, atol=1e-5)
+    result = sample(out / "pipeline", tmp_path / "samples", 1, steps=2, progress=False)  # lat sample-ldm's path
+    assert result["settings"]["vae_scaling_factor"] is None and len(result["paths"]) == 1
     name, reasons = plain_pipeline(pipeline)
     assert name is None or "batch-norm" in " ".join(reasons)
 
