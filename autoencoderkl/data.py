@@ -541,6 +541,7 @@ class ImageFolder(torch.utils.data.Dataset):
     Raises:
         ValueError: on an empty ``paths``, bad ``resolution``/``resize``/``seed``/``grid``,
             or when no file is a readable image (naming the folders and the reasons).
+        TypeError: when ``paths`` is one folder or file path (a str) instead of a list.
     """
 
     def __init__(
@@ -565,6 +566,9 @@ class ImageFolder(torch.utils.data.Dataset):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if grid < 1:
             raise ValueError(f"grid must be >= 1, got {grid}")
+        if isinstance(paths, (str, os.PathLike)):  # a str would be read as a list of one-letter paths
+            raise TypeError(f"ImageFolder takes a list of image paths, not the folder {str(paths)!r}: "
+                            f"pass list_images({str(paths)!r})")
         all_paths = self._items(paths)
         if not all_paths:
             raise ValueError("ImageFolder got an empty list of image paths")

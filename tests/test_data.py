@@ -173,6 +173,14 @@ def test_missing_folder_raises_file_not_found_naming_it(tmp_path):
         list_images(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("as_path", [False, True])
+def test_a_folder_given_where_a_list_of_paths_belongs_is_a_type_error(tmp_path, as_path):
+    # A str is a Sequence: it used to be read as one-letter paths ("skipping w: file not found", ...).
+    folder = tmp_path if as_path else str(tmp_path)
+    with pytest.raises(TypeError, match=r"list of image paths, not the folder .*list_images"):
+        ImageFolder(folder, 8)
+
+
 def test_folder_without_images_raises_value_error_listing_extensions(tmp_path):
     with pytest.raises(ValueError, match=r"no images in .*\.png"):
         list_images(tmp_path)  # empty
