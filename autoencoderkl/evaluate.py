@@ -48,8 +48,16 @@ from tqdm.auto import tqdm
 from .atomic import write_atomic
 from .data import ImageFolder, list_images, load_rgb, png_bytes, to_tensor
 from .losses import build_perceptual
-from .metrics import COLOUR_JND, bicubic_down_up, mean_colour_error, psnr_ssim_8bit, to_uint8_range
-from .model import load_vae, vae_weights_sha256
+from .metrics import (
+    COLOUR_JND,
+    MIN_CHROMA,
+    bicubic_down_up,
+    chroma_ratio,
+    mean_colour_error,
+    psnr_ssim_8bit,
+    to_uint8_range,
+)
+from .model import latent_batch_norm, load_vae, vae_weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +71,9 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 FID_RELIABLE_IMAGES = 2048  # fewer images than feature dimensions: a singular covariance, a biased FID
 UNAVAILABLE = "unavailable"
+# A reconstruction that keeps less than 80% of the inputs' chroma on average (or gains more
+# than 25%) is flagged: bicubic 8x keeps 97% on Kodak at 256 px, a sepia toning ~30%.
+CHROMA_LOW = 0.8
 
 
 # ---- images -------------------------------------------------------------------------
@@ -453,6 +464,7 @@ def evaluate_vae(
         psnr_bic, ssim_bic = psnr_ssim_8bit(x, x_bic)
         colour_err, colour_shift = mean_colour_error(x, x_hat)  # (B,), (B, 3) in L*a*b*
         colour_err_bic, _ = mean_colour_error(x, x_bic)
+        chroma, chroma_bic = chroma_ratio(x, x_hat), chroma_ratio(x, x_bic)  # (B,), NaN for near-grey inputs
         x8, y8, b8 = to_uint8_range(x), to_uint8_range(x_hat), to_uint8_range(x_bic)  # (B, 3, R, R) in [0, 255]
         lp = lpips_net(x8 / 127.5 - 1, y8 / 127.5 - 1).flatten() if lpips_net is not None else None
         lp_bic = lpips_net(x8 / 127.5 - 1, b8 / 127.5 - 1).flatten() if lpips_net is not None else None
@@ -479,7 +491,8 @@ def evaluate_vae(
                    "bicubic_psnr": float(psnr_bic[b]), "bicubic_ssim": float(ssim_bic[b]),
                    "bicubic_lpips": float(lp_bic[b]) if lp_bic is not None else None,
                    "psnr_margin": float(psnr[b] - psnr_bic[b]),
-                   "colour_error": float(colour_err[b]), "bicubic_colour_error": float(colour_err_bic[b])}
+                   "colour_error": float(colour_err[b]), "bicubic_colour_error": float(colour_err_bic[b]),
+                   "chroma_ratio": float(chroma[b]), "bicubic_chroma_ratio": float(chroma_bic[b])}
             row.update({f"colour_shift_{k}": float(colour_shift[b, i]) for i, k in enumerate(("L", "a", "b"))})
             row.update({f"mean_rgb_{k}": float(rgb_in[b, i]) for i, k in enumerate("rgb")})
             row.update({f"rec_mean_rgb_{k}": float(rgb_out[b, i]) for i, k in enumerate("rgb")})
@@ -513,6 +526,9 @@ def evaluate_vae(
     mean = z_sum / z_count
     std = (z_sq / z_count - mean**2).clamp_min(0).sqrt()
     colour_error = _summary([r["colour_error"] for r in rows])
+    coloured = [r for r in rows if not math.isnan(r["chroma_ratio"])]  # near-grey inputs have no ratio
+    chroma = _summary([r["chroma_ratio"] for r in coloured]) if coloured else UNAVAILABLE
+    chroma_bic = _summary([r["bicubic_chroma_ratio"] for r in coloured]) if coloured else UNAVAILABLE
     seconds = time.perf_counter() - t0
     report = {
         "format_version": REPORT_FORMAT_VERSION,
@@ -533,7 +549,8 @@ def evaluate_vae(
                     "ssim": _summary([r["bicubic_ssim"] for r in rows]),
                     "lpips": _summary([r["bicubic_lpips"] for r in rows]) if lpips_net is not None else UNAVAILABLE,
                     "rfid": rfid_bicubic,
-                    "colour_error": _summary([r["bicubic_colour_error"] for r in rows])},
+                    "colour_error": _summary([r["bicubic_colour_error"] for r in rows]),
+                    "chroma_ratio": chroma_bic},
         "vs_bicubic": {"psnr_margin": _summary([r["psnr_margin"] for r in rows]),
                        "ssim_margin": _summary([r["ssim"] - r["bicubic_ssim"] for r in rows]),
                        "psnr_wins": sum(r["psnr"] > r["bicubic_psnr"] for r in rows),
@@ -543,7 +560,10 @@ def evaluate_vae(
                    "shift_lab": [float(np.mean([r[f"colour_shift_{k}"] for r in rows])) for k in ("L", "a", "b")],
                    "input_mean_rgb": [float(np.mean([r[f"mean_rgb_{k}"] for r in rows])) for k in "rgb"],
                    "reconstruction_mean_rgb": [float(np.mean([r[f"rec_mean_rgb_{k}"] for r in rows])) for k in "rgb"],
-                   "jnd": COLOUR_JND, "cast": colour_error["mean"] > COLOUR_JND},
+                   "jnd": COLOUR_JND, "cast": colour_error["mean"] > COLOUR_JND,
+                   "chroma_ratio": chroma, "num_chroma_images": len(coloured),
+                   "desaturated": chroma != UNAVAILABLE and chroma["mean"] < CHROMA_LOW,
+                   "oversaturated": chroma != UNAVAILABLE and chroma["mean"] > 1 / CHROMA_LOW},
         "latents": {"what": "posterior mode z over all images and positions (not yet x scaling_factor)",
                     "per_channel_mean": mean.tolist(), "per_channel_std": std.tolist()},
         "notes": {**notes,
@@ -556,7 +576,10 @@ def evaluate_vae(
                   "colour": ("error: CIE76 distance (Delta E*ab) between the mean L*a*b* colour (D65) of each image and "
                              "of its reconstruction, per image; shift_lab: mean over images of reconstruction minus "
                              "input (dL*, da* +red/-green, db* +yellow/-blue); *_mean_rgb: mean 8-bit colour over the "
-                             f"set; cast: mean error > {COLOUR_JND} (a just-noticeable difference)")},
+                             f"set; cast: mean error > {COLOUR_JND} (a just-noticeable difference); chroma_ratio: "
+                             f"mean CIELAB chroma C*ab of the reconstruction over the input's, per image with input "
+                             f"chroma >= {MIN_CHROMA} (1 = as colourful, 0 = grey; bicubic's is below 1 from blur); "
+                             f"desaturated / oversaturated: mean ratio < {CHROMA_LOW} / > {1 / CHROMA_LOW:.3g}")},
         "files": {"csv": str(files["csv"]), "worst": str(files["worst"]),
                   "reconstructions": str(recon_dir) if recon_dir is not None else None},
         "run": {"device": str(dev), "batch_size": batch_size, "num_workers": num_workers,
@@ -633,7 +656,7 @@ def latent_statistics(
     s1 = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     count = images = 0
-    bn = getattr(model, "bn", None)
+    bn = latent_batch_norm(model)
     if bn is not None:  # FLUX.2: the batch norm's running statistics are the normalisation
         from latent_diffusion.pipeline import LatentNormalization
 

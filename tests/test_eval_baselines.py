@@ -16,7 +16,14 @@ from PIL import Image
 
 import autoencoderkl.evaluate as evaluate
 from autoencoderkl.evaluate import evaluate_vae
-from autoencoderkl.metrics import COLOUR_JND, bicubic_down_up, mean_colour_error, psnr_ssim_8bit, srgb_to_lab
+from autoencoderkl.metrics import (
+    COLOUR_JND,
+    bicubic_down_up,
+    chroma_ratio,
+    mean_colour_error,
+    psnr_ssim_8bit,
+    srgb_to_lab,
+)
 from conftest import write_photos
 
 RES = 32  # crop side; the stand-in VAEs below have f = 8, so the bicubic thumbnail is 4 x 4
@@ -26,7 +33,7 @@ class StandInVAE(AutoencoderKL):
     """An AutoencoderKL whose encode/decode are fixed functions of the image, for known answers.
 
     ``z`` is the image itself (posterior mean x, log-variance -30); ``decode`` applies ``kind``:
-    identity, constant grey, a red tint, or a mean-preserving blur. Four resolution levels of
+    identity, constant grey, a red tint, a mean-preserving blur, or a sepia toning. Four resolution levels of
     width 8, so the report's factor is f = 8 as for kl-f8.
     """
 
@@ -46,6 +53,9 @@ class StandInVAE(AutoencoderKL):
             out = (z + torch.tensor([0.125, -0.125, 0.0]).view(1, 3, 1, 1)).clamp(-1, 1)
         elif self.kind == "blur":  # 4 x 4 block means: detail lost, every block's mean colour kept
             out = F.interpolate(F.avg_pool2d(z, 4), scale_factor=4, mode="nearest")
+        elif self.kind == "sepia":  # luminance kept, colour replaced by one brown tone (what short runs return)
+            luma = (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) * z).sum(1, keepdim=True)
+            out = (luma + torch.tensor([0.08, 0.0, -0.08]).view(1, 3, 1, 1)).clamp(-1, 1)
         else:
             out = z
         return DecoderOutput(sample=out)
@@ -140,3 +150,38 @@ def test_mean_colour_error_ignores_zero_mean_noise():
     delta_e, _ = mean_colour_error(x, noisy)
     assert float(delta_e.max()) < 1.0
     assert float(psnr_ssim_8bit(x, noisy)[0].mean()) < 27  # yet PSNR sees the noise
+
+
+def test_chroma_ratio_flags_a_sepia_reconstruction_and_not_a_blur(photos, tmp_path, no_lpips_weights, capsys,
+                                                                  monkeypatch):
+    sepia, blur, ident = run("sepia", photos, tmp_path), run("blur", photos, tmp_path), run("identity", photos, tmp_path)
+    assert sepia["colour"]["desaturated"] and sepia["colour"]["chroma_ratio"]["max"] < 0.6
+    assert not blur["colour"]["desaturated"] and blur["colour"]["chroma_ratio"]["min"] > 0.8
+    assert ident["colour"]["chroma_ratio"]["min"] == pytest.approx(1.0, abs=1e-6)
+    assert sepia["colour"]["num_chroma_images"] == 5 and not sepia["colour"]["oversaturated"]
+    assert 0.8 < sepia["bicubic"]["chroma_ratio"]["mean"] <= 1.0  # the baseline keeps the colour
+    rows = list(csv.DictReader((tmp_path / "sepia" / "report_per_image.csv").open()))
+    assert all(float(r["chroma_ratio"]) < 0.6 for r in rows)
+
+    from lat.commands import eval_vae
+
+    monkeypatch.setattr(evaluate, "load_vae", lambda path, config=None: StandInVAE("sepia"))
+    eval_vae.main(["--vae", "stand-in", "--data", str(photos), "--resolution", str(RES), "--num-workers", "0",
+                   "--fid", "off", "--quiet", "--out", str(tmp_path / "cli" / "report.json")])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("chroma: "))
+    assert line.startswith("chroma: colourfulness kept 0.") and line.endswith(": DESATURATED")
+
+
+def test_chroma_ratio_sees_colourfulness_not_hue_and_skips_grey_inputs():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8)
+    swapped = x[:, [2, 0, 1]]  # R, G, B rotated: every hue moves, colourfulness much the same
+    assert chroma_ratio(x, swapped).sub(1).abs().max() < 0.25
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    assert chroma_ratio(x, grey).max() < 0.05
+    assert chroma_ratio(grey, x).isnan().all()  # a grey input has no colourfulness to keep
+    boosted = (grey + 1.5 * (x - grey)).clamp(-1, 1)
+    assert (chroma_ratio(x, boosted) > 1.2).all()
+    with pytest.raises(ValueError, match="one shape"):
+        chroma_ratio(x, x[:, :, :8])
