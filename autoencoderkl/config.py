@@ -79,6 +79,10 @@ class LossConfig:
     # with a loud warning, and the saved config records perceptual_weight 0.0.
     perceptual_pretrained: str = "auto"
     kl_weight: float = 1e-6  # x KL summed over (c, h, w), mean over batch
+    # Extra weight on colour: chroma_weight x (|dCb| + |dCr|) per pixel (squared for l2), the
+    # BT.601 chroma of x - x_hat, added to rec_loss. 0 (default, LDM): RGB alone. A short
+    # run spends its latents on luminance first and returns sepia pictures (docs/stage1.md).
+    chroma_weight: float = 0.0
     logvar_init: float = 0.0  # initial value of the scalar NLL log-variance
     # In LDM the logvar is an nn.Parameter that no optimizer holds, so it never trains;
     # false keeps that behaviour, true adds it to the autoencoder's optimizer.

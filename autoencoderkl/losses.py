@@ -38,6 +38,8 @@ from autoencoderkl.config import LossConfig
 # The torchvision weights LPIPS(net="vgg", pnet_rand=False) loads for its backbone.
 VGG16_URL: str = VGG16_Weights.IMAGENET1K_V1.url
 VGG16_FILE: str = VGG16_URL.rsplit("/", 1)[-1]  # "vgg16-397923af.pth"
+# RGB -> (Cb, Cr), ITU-R BT.601 (the JPEG/JFIF matrix; offsets cancel in a difference).
+_CHROMA_FROM_RGB = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 VGG16_SHA256_PREFIX: str = VGG16_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's naming convention
 DOWNLOAD_TIMEOUT_S: float = 20.0  # socket timeout of the VGG16 download
 
@@ -404,6 +406,10 @@ class AutoencoderLoss(nn.Module):
     def rec_loss(self, inputs: Tensor, reconstructions: Tensor) -> tuple[Tensor, Tensor]:
         """LDM's per-pixel ``rec_loss``: |x - x_hat| (or squared) + perceptual_weight * LPIPS.
 
+        With ``chroma_weight`` > 0, each pixel adds ``chroma_weight * (|dCb| + |dCr|)``
+        (squares for ``l2``), dCb and dCr the ITU-R BT.601 chroma of ``x - x_hat``, spread
+        evenly over the three channels so the sum over (3, H, W) counts it once per pixel.
+
         Args:
             inputs: (B, 3, H, W) float images in [-1, 1] (no gradient flows into them).
             reconstructions: (B, 3, H, W) decoder output, with its graph.
@@ -420,6 +426,10 @@ class AutoencoderLoss(nn.Module):
         x, x_hat = inputs.float(), reconstructions.float()
         diff = x.detach() - x_hat
         rec_loss = diff.abs() if self.cfg.pixel_loss == "l1" else diff.pow(2)  # (B, 3, H, W)
+        if self.cfg.chroma_weight > 0:  # per pixel, spread over the 3 channels the sum runs over
+            chroma = torch.einsum("ij,bjhw->bihw", _CHROMA_FROM_RGB.to(diff.device), diff)  # (B, 2, H, W)
+            chroma = chroma.abs() if self.cfg.pixel_loss == "l1" else chroma.pow(2)
+            rec_loss = rec_loss + self.cfg.chroma_weight * chroma.sum(1, keepdim=True) / 3
         if self.perceptual is not None and self.perceptual_weight > 0 and min(x.shape[-2:]) >= LPIPS_MIN_SIZE:
             p_loss = self.perceptual(x.detach(), x_hat).float()  # (B, 1, 1, 1)
             rec_loss = rec_loss + self.perceptual_weight * p_loss

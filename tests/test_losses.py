@@ -133,6 +133,27 @@ def test_nll_reduction_is_sum_over_pixels_mean_over_batch():
     assert logs["logvar"] == 1.0
 
 
+@pytest.mark.parametrize("pixel_loss", ["l1", "l2"])
+def test_chroma_term_weighs_colour_errors_and_leaves_grey_errors_alone(pixel_loss):
+    B, H, W = 2, 4, 4
+    posterior, _, _ = posterior_of(B=B)
+    x = torch.zeros(B, 3, H, W)
+    grey_error = torch.full((B, 3, H, W), 0.2)  # equal on R, G, B: luminance only, Cb = Cr = 0
+    red_error = torch.zeros(B, 3, H, W)
+    red_error[:, 0] = 0.2  # red alone: Cb = -0.0337, Cr = +0.1
+    plain = AutoencoderLoss(LossConfig(perceptual_weight=0.0, pixel_loss=pixel_loss), perceptual=None)
+    chroma = AutoencoderLoss(LossConfig(perceptual_weight=0.0, pixel_loss=pixel_loss, chroma_weight=4.0),
+                             perceptual=None)
+
+    def nll(fn, x_hat):
+        return fn.generator_loss(x, x_hat, posterior, 0, None, None)[1]["nll_loss"]
+
+    assert nll(chroma, x + grey_error) == pytest.approx(nll(plain, x + grey_error), rel=1e-6)
+    cb, cr = -0.168736 * 0.2, 0.5 * 0.2
+    per_pixel = abs(cb) + abs(cr) if pixel_loss == "l1" else cb**2 + cr**2
+    assert nll(chroma, x + red_error) - nll(plain, x + red_error) == pytest.approx(4.0 * per_pixel * H * W, rel=1e-5)
+
+
 def test_logvar_trains_only_when_asked():
     assert not AutoencoderLoss(LossConfig(), None).logvar.requires_grad
     learned = AutoencoderLoss(LossConfig(learn_logvar=True, logvar_init=-0.5), None)
