@@ -50,9 +50,9 @@ from .data import ImageFolder, list_images, load_rgb, png_bytes, to_tensor
 from .losses import build_perceptual
 from .metrics import (
     COLOUR_JND,
-    MIN_CHROMA,
+    MIN_CHROMA_STD,
     bicubic_down_up,
-    chroma_ratio,
+    chroma_gain,
     mean_colour_error,
     psnr_ssim_8bit,
     to_uint8_range,
@@ -71,8 +71,8 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 FID_RELIABLE_IMAGES = 2048  # fewer images than feature dimensions: a singular covariance, a biased FID
 UNAVAILABLE = "unavailable"
-# A reconstruction that keeps less than 80% of the inputs' chroma on average (or gains more
-# than 25%) is flagged: bicubic 8x keeps 97% on Kodak at 256 px, a sepia toning ~30%.
+# A reconstruction whose chroma gain is below 0.8 on average (or above 1.25) is flagged:
+# bicubic 8x keeps about 0.9 on Kodak at 256 px, grey or a sepia toning about 0.
 CHROMA_LOW = 0.8
 
 
@@ -464,7 +464,7 @@ def evaluate_vae(
         psnr_bic, ssim_bic = psnr_ssim_8bit(x, x_bic)
         colour_err, colour_shift = mean_colour_error(x, x_hat)  # (B,), (B, 3) in L*a*b*
         colour_err_bic, _ = mean_colour_error(x, x_bic)
-        chroma, chroma_bic = chroma_ratio(x, x_hat), chroma_ratio(x, x_bic)  # (B,), NaN for near-grey inputs
+        chroma, chroma_bic = chroma_gain(x, x_hat), chroma_gain(x, x_bic)  # (B,), NaN for near-grey inputs
         x8, y8, b8 = to_uint8_range(x), to_uint8_range(x_hat), to_uint8_range(x_bic)  # (B, 3, R, R) in [0, 255]
         lp = lpips_net(x8 / 127.5 - 1, y8 / 127.5 - 1).flatten() if lpips_net is not None else None
         lp_bic = lpips_net(x8 / 127.5 - 1, b8 / 127.5 - 1).flatten() if lpips_net is not None else None
@@ -492,7 +492,7 @@ def evaluate_vae(
                    "bicubic_lpips": float(lp_bic[b]) if lp_bic is not None else None,
                    "psnr_margin": float(psnr[b] - psnr_bic[b]),
                    "colour_error": float(colour_err[b]), "bicubic_colour_error": float(colour_err_bic[b]),
-                   "chroma_ratio": float(chroma[b]), "bicubic_chroma_ratio": float(chroma_bic[b])}
+                   "chroma_gain": float(chroma[b]), "bicubic_chroma_gain": float(chroma_bic[b])}
             row.update({f"colour_shift_{k}": float(colour_shift[b, i]) for i, k in enumerate(("L", "a", "b"))})
             row.update({f"mean_rgb_{k}": float(rgb_in[b, i]) for i, k in enumerate("rgb")})
             row.update({f"rec_mean_rgb_{k}": float(rgb_out[b, i]) for i, k in enumerate("rgb")})
@@ -526,9 +526,9 @@ def evaluate_vae(
     mean = z_sum / z_count
     std = (z_sq / z_count - mean**2).clamp_min(0).sqrt()
     colour_error = _summary([r["colour_error"] for r in rows])
-    coloured = [r for r in rows if not math.isnan(r["chroma_ratio"])]  # near-grey inputs have no ratio
-    chroma = _summary([r["chroma_ratio"] for r in coloured]) if coloured else UNAVAILABLE
-    chroma_bic = _summary([r["bicubic_chroma_ratio"] for r in coloured]) if coloured else UNAVAILABLE
+    coloured = [r for r in rows if not math.isnan(r["chroma_gain"])]  # near-grey inputs have no gain
+    chroma = _summary([r["chroma_gain"] for r in coloured]) if coloured else UNAVAILABLE
+    chroma_bic = _summary([r["bicubic_chroma_gain"] for r in coloured]) if coloured else UNAVAILABLE
     seconds = time.perf_counter() - t0
     report = {
         "format_version": REPORT_FORMAT_VERSION,
@@ -550,7 +550,7 @@ def evaluate_vae(
                     "lpips": _summary([r["bicubic_lpips"] for r in rows]) if lpips_net is not None else UNAVAILABLE,
                     "rfid": rfid_bicubic,
                     "colour_error": _summary([r["bicubic_colour_error"] for r in rows]),
-                    "chroma_ratio": chroma_bic},
+                    "chroma_gain": chroma_bic},
         "vs_bicubic": {"psnr_margin": _summary([r["psnr_margin"] for r in rows]),
                        "ssim_margin": _summary([r["ssim"] - r["bicubic_ssim"] for r in rows]),
                        "psnr_wins": sum(r["psnr"] > r["bicubic_psnr"] for r in rows),
@@ -561,7 +561,7 @@ def evaluate_vae(
                    "input_mean_rgb": [float(np.mean([r[f"mean_rgb_{k}"] for r in rows])) for k in "rgb"],
                    "reconstruction_mean_rgb": [float(np.mean([r[f"rec_mean_rgb_{k}"] for r in rows])) for k in "rgb"],
                    "jnd": COLOUR_JND, "cast": colour_error["mean"] > COLOUR_JND,
-                   "chroma_ratio": chroma, "num_chroma_images": len(coloured),
+                   "chroma_gain": chroma, "num_chroma_images": len(coloured),
                    "desaturated": chroma != UNAVAILABLE and chroma["mean"] < CHROMA_LOW,
                    "oversaturated": chroma != UNAVAILABLE and chroma["mean"] > 1 / CHROMA_LOW},
         "latents": {"what": "posterior mode z over all images and positions (not yet x scaling_factor)",
@@ -576,9 +576,10 @@ def evaluate_vae(
                   "colour": ("error: CIE76 distance (Delta E*ab) between the mean L*a*b* colour (D65) of each image and "
                              "of its reconstruction, per image; shift_lab: mean over images of reconstruction minus "
                              "input (dL*, da* +red/-green, db* +yellow/-blue); *_mean_rgb: mean 8-bit colour over the "
-                             f"set; cast: mean error > {COLOUR_JND} (a just-noticeable difference); chroma_ratio: "
-                             f"mean CIELAB chroma C*ab of the reconstruction over the input's, per image with input "
-                             f"chroma >= {MIN_CHROMA} (1 = as colourful, 0 = grey; bicubic's is below 1 from blur); "
+                             f"set; cast: mean error > {COLOUR_JND} (a just-noticeable difference); chroma_gain: "
+                             f"least-squares slope of the reconstruction's a*b* (about its mean) on the input's, per "
+                             f"image whose a*b* std is >= {MIN_CHROMA_STD} (1 = colour kept, 0 = grey or a toning "
+                             f"that does not follow the input; bicubic's is below 1 from blur); "
                              f"desaturated / oversaturated: mean ratio < {CHROMA_LOW} / > {1 / CHROMA_LOW:.3g}")},
         "files": {"csv": str(files["csv"]), "worst": str(files["worst"]),
                   "reconstructions": str(recon_dir) if recon_dir is not None else None},

@@ -19,7 +19,7 @@ from autoencoderkl.evaluate import evaluate_vae
 from autoencoderkl.metrics import (
     COLOUR_JND,
     bicubic_down_up,
-    chroma_ratio,
+    chroma_gain,
     mean_colour_error,
     psnr_ssim_8bit,
     srgb_to_lab,
@@ -53,9 +53,9 @@ class StandInVAE(AutoencoderKL):
             out = (z + torch.tensor([0.125, -0.125, 0.0]).view(1, 3, 1, 1)).clamp(-1, 1)
         elif self.kind == "blur":  # 4 x 4 block means: detail lost, every block's mean colour kept
             out = F.interpolate(F.avg_pool2d(z, 4), scale_factor=4, mode="nearest")
-        elif self.kind == "sepia":  # luminance kept, colour replaced by one brown tone (what short runs return)
+        elif self.kind == "sepia":  # luminance kept, colour replaced by a brown toning (what short runs return)
             luma = (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) * z).sum(1, keepdim=True)
-            out = (luma + torch.tensor([0.08, 0.0, -0.08]).view(1, 3, 1, 1)).clamp(-1, 1)
+            out = (luma + (luma + 1) * torch.tensor([0.08, 0.0, -0.08]).view(1, 3, 1, 1)).clamp(-1, 1)
         else:
             out = z
         return DecoderOutput(sample=out)
@@ -152,16 +152,16 @@ def test_mean_colour_error_ignores_zero_mean_noise():
     assert float(psnr_ssim_8bit(x, noisy)[0].mean()) < 27  # yet PSNR sees the noise
 
 
-def test_chroma_ratio_flags_a_sepia_reconstruction_and_not_a_blur(photos, tmp_path, no_lpips_weights, capsys,
-                                                                  monkeypatch):
+def test_chroma_gain_flags_a_sepia_reconstruction_and_not_a_blur(photos, tmp_path, no_lpips_weights, capsys,
+                                                                 monkeypatch):
     sepia, blur, ident = run("sepia", photos, tmp_path), run("blur", photos, tmp_path), run("identity", photos, tmp_path)
-    assert sepia["colour"]["desaturated"] and sepia["colour"]["chroma_ratio"]["max"] < 0.6
-    assert not blur["colour"]["desaturated"] and blur["colour"]["chroma_ratio"]["min"] > 0.8
-    assert ident["colour"]["chroma_ratio"]["min"] == pytest.approx(1.0, abs=1e-6)
+    assert sepia["colour"]["desaturated"] and abs(sepia["colour"]["chroma_gain"]["max"]) < 0.2
+    assert not blur["colour"]["desaturated"] and blur["colour"]["chroma_gain"]["min"] > 0.8
+    assert ident["colour"]["chroma_gain"]["min"] == pytest.approx(1.0, abs=1e-6)
     assert sepia["colour"]["num_chroma_images"] == 5 and not sepia["colour"]["oversaturated"]
-    assert 0.8 < sepia["bicubic"]["chroma_ratio"]["mean"] <= 1.0  # the baseline keeps the colour
+    assert 0.8 < sepia["bicubic"]["chroma_gain"]["mean"] <= 1.0  # the baseline keeps the colour
     rows = list(csv.DictReader((tmp_path / "sepia" / "report_per_image.csv").open()))
-    assert all(float(r["chroma_ratio"]) < 0.6 for r in rows)
+    assert all(abs(float(r["chroma_gain"])) < 0.2 for r in rows)
 
     from lat.commands import eval_vae
 
@@ -170,18 +170,24 @@ def test_chroma_ratio_flags_a_sepia_reconstruction_and_not_a_blur(photos, tmp_pa
                    "--fid", "off", "--quiet", "--out", str(tmp_path / "cli" / "report.json")])
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("chroma: "))
-    assert line.startswith("chroma: colourfulness kept 0.") and line.endswith(": DESATURATED")
+    assert line.startswith("chroma: colour kept (chroma gain) ") and line.endswith(": DESATURATED")
 
 
-def test_chroma_ratio_sees_colourfulness_not_hue_and_skips_grey_inputs():
+def test_chroma_gain_is_not_fooled_by_a_toning_and_skips_grey_inputs():
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(2, 3, 16, 16, generator=g) * 1.6 - 0.8)
-    swapped = x[:, [2, 0, 1]]  # R, G, B rotated: every hue moves, colourfulness much the same
-    assert chroma_ratio(x, swapped).sub(1).abs().max() < 0.25
-    grey = x.mean(1, keepdim=True).expand_as(x)
-    assert chroma_ratio(x, grey).max() < 0.05
-    assert chroma_ratio(grey, x).isnan().all()  # a grey input has no colourfulness to keep
-    boosted = (grey + 1.5 * (x - grey)).clamp(-1, 1)
-    assert (chroma_ratio(x, boosted) > 1.2).all()
+    x = F.interpolate(torch.rand(2, 3, 4, 4, generator=g) * 1.6 - 0.8, size=16, mode="bilinear")  # smooth colours
+    luma = (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) * x).sum(1, keepdim=True)
+    grey = luma.expand_as(x)
+    toned = (grey + (luma + 1) * torch.tensor([0.15, 0.0, -0.15]).view(1, 3, 1, 1)).clamp(-1, 1)  # a brown toning
+    assert chroma_gain(x, x).sub(1).abs().max() < 1e-6
+    assert chroma_gain(x, grey).abs().max() < 0.05
+    # A toning has chroma of its own: a ratio of mean chroma would call it colour; the gain does not follow it.
+    assert chroma_gain(x, toned).abs().max() < 0.35
+    boosted = (grey + 1.3 * (x - grey)).clamp(-1, 1)
+    assert (chroma_gain(x, boosted) > 1.15).all()
+    assert chroma_gain(grey, x).isnan().all()  # a grey input has no colour to keep
+    tinted = (x + torch.tensor([0.1, -0.1, 0.0]).view(1, 3, 1, 1)).clamp(-1, 1)  # a cast: the mean-colour error's job
+    assert chroma_gain(x, tinted).sub(1).abs().max() < 0.15
+    assert float(mean_colour_error(x, tinted)[0].min()) > COLOUR_JND
     with pytest.raises(ValueError, match="one shape"):
-        chroma_ratio(x, x[:, :, :8])
+        chroma_gain(x, x[:, :, :8])

@@ -169,10 +169,10 @@ def main(argv=None):
           f"b* {shift[2]:+.1f}; mean RGB ({', '.join(f'{v:.1f}' for v in rgb_in)}) -> "
           f"({', '.join(f'{v:.1f}' for v in rgb_out)})"
           + (f": COLOUR CAST (> {col['jnd']}, a just-noticeable difference)" if col["cast"] else ""))
-    if col["chroma_ratio"] != "unavailable":
-        print(f"chroma: colourfulness kept {col['chroma_ratio']['mean']:.2f} +- {col['chroma_ratio']['std']:.2f} "
-              f"(bicubic {bic['chroma_ratio']['mean']:.2f}; mean C*ab out / in over {col['num_chroma_images']} "
-              f"coloured images)" + (": DESATURATED" if col["desaturated"] else "")
+    if col["chroma_gain"] != "unavailable":
+        print(f"chroma: colour kept (chroma gain) {col['chroma_gain']['mean']:.2f} +- {col['chroma_gain']['std']:.2f} "
+              f"(bicubic {bic['chroma_gain']['mean']:.2f}; slope of a*b* out on in, 1 = kept, 0 = grey or toned, "
+              f"over {col['num_chroma_images']} coloured images)" + (": DESATURATED" if col["desaturated"] else "")
               + (": OVERSATURATED" if col["oversaturated"] else ""))
     for name in ("lpips", "rfid"):
         value = report[name]
