@@ -71,9 +71,9 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 FID_RELIABLE_IMAGES = 2048  # fewer images than feature dimensions: a singular covariance, a biased FID
 UNAVAILABLE = "unavailable"
-# A reconstruction whose chroma gain is below 0.8 on average (or above 1.25) is flagged:
-# bicubic 8x keeps about 0.9 on Kodak at 256 px, grey or a sepia toning about 0.
-CHROMA_LOW = 0.8
+# A reconstruction whose chroma gain is below 0.5 on average (half the colour gone; or above
+# 2) is flagged: bicubic 8x keeps 0.84 on Kodak at 256 px (blur), grey or a sepia toning ~0.
+CHROMA_LOW = 0.5
 
 
 # ---- images -------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def evaluate_vae(
                              f"least-squares slope of the reconstruction's a*b* (about its mean) on the input's, per "
                              f"image whose a*b* std is >= {MIN_CHROMA_STD} (1 = colour kept, 0 = grey or a toning "
                              f"that does not follow the input; bicubic's is below 1 from blur); "
-                             f"desaturated / oversaturated: mean ratio < {CHROMA_LOW} / > {1 / CHROMA_LOW:.3g}")},
+                             f"desaturated / oversaturated: mean gain < {CHROMA_LOW} / > {1 / CHROMA_LOW:.3g}")},
         "files": {"csv": str(files["csv"]), "worst": str(files["worst"]),
                   "reconstructions": str(recon_dir) if recon_dir is not None else None},
         "run": {"device": str(dev), "batch_size": batch_size, "num_workers": num_workers,

@@ -72,13 +72,16 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("name", ["demo", "kl-f8", "kl-f8-c16", "eq-finetune"])
+@pytest.mark.parametrize("name", ["demo", "kl-f8", "kl-f8-c16", "eq-finetune", "cpu-reference"])
 def test_shipped_configs_load(name):
     overrides = ["data.train_dir=/data"] if name != "demo" else []
     if name == "eq-finetune":  # model.pretrained is '???': required
         with pytest.raises(ValueError, match=r"\['model.pretrained'\] must be set"):
             load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", overrides)
         overrides.append("model.pretrained=sd-vae.safetensors")
+    if name == "cpu-reference":  # the photos are the user's to give
+        with pytest.raises(ValueError, match=r"\['data.train_dir'\] must be set"):
+            load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", [])
     cfg = load_config(REPO / "configs" / "autoencoderkl" / f"{name}.yaml", overrides)
     if name == "eq-finetune":
         assert cfg.loss.equivariance == "eqvae" and cfg.optim.lr == pytest.approx(4.5e-6 * cfg.data.batch_size)
