@@ -210,4 +210,4 @@ def test_config_takes_a_bundled_name_and_dry_run_prints_the_resolved_config():
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(proc.stdout)["train"]["max_steps"] == 7
     bad = lat("train-vae", "--config", "nonesuch", "--dry-run")
-    assert bad.returncode == 2 and "bundled: demo" in bad.stderr and "kl-f8" in bad.stderr
+    assert bad.returncode == 2 and "(bundled: " in bad.stderr and " demo," in bad.stderr and "kl-f8" in bad.stderr
