@@ -5,7 +5,7 @@ Reading order of this file:
 1. ``EvalImages``: image files -> centre crops, as ``ImageFolder(train=False)`` makes them.
 2. ``build_lpips`` / ``build_fid``: the optional metrics, or the reason they are unavailable.
 3. ``evaluate_vae``: encode with the posterior mode, decode, compare in 8 bits, beside the
-   bicubic baseline (down and up by the VAE's factor) and the mean-colour error; writes
+   bicubic baseline (down and up by the VAE's factor), the mean-colour error and the chroma gain; writes
    ``report.json``, a per-image CSV and a PNG of the worst reconstructions.
 4. ``latent_statistics`` / ``write_config_with_latent_stats``: mean and std of posterior
    samples -> ``scaling_factor`` (and ``shift_factor``) in a copy of the VAE's config.
@@ -370,7 +370,9 @@ def evaluate_vae(
     per image (``vs_bicubic``: margins and how many images the VAE wins); and the colour
     figure (``metrics.mean_colour_error``): the CIE76 distance between each image's mean
     L*a*b* colour and its reconstruction's, the mean shift over the set, and ``cast``,
-    true when the mean error exceeds ``metrics.COLOUR_JND`` (2.3, just noticeable).
+    true when the mean error exceeds ``metrics.COLOUR_JND`` (2.3, just noticeable); and
+    ``chroma_gain`` (``metrics.chroma_gain``: the slope of the reconstruction's a*b* on the
+    input's, per image with colour), ``desaturated`` below ``CHROMA_LOW``.
 
     Files written (each atomically): ``out`` (the report as JSON), ``<stem>_per_image.csv``
     and ``<stem>_worst8.png`` beside it (the 8 lowest-PSNR images: input | reconstruction |

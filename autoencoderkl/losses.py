@@ -38,10 +38,10 @@ from autoencoderkl.config import LossConfig
 # The torchvision weights LPIPS(net="vgg", pnet_rand=False) loads for its backbone.
 VGG16_URL: str = VGG16_Weights.IMAGENET1K_V1.url
 VGG16_FILE: str = VGG16_URL.rsplit("/", 1)[-1]  # "vgg16-397923af.pth"
-# RGB -> (Cb, Cr), ITU-R BT.601 (the JPEG/JFIF matrix; offsets cancel in a difference).
-_CHROMA_FROM_RGB = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 VGG16_SHA256_PREFIX: str = VGG16_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's naming convention
 DOWNLOAD_TIMEOUT_S: float = 20.0  # socket timeout of the VGG16 download
+# RGB -> (Cb, Cr), ITU-R BT.601 (the JPEG/JFIF matrix; offsets cancel in a difference).
+_CHROMA_FROM_RGB = torch.tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
